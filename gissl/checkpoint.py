@@ -1,0 +1,94 @@
+"""Reading and writing checkpoint files safely.
+
+A checkpoint is data, never code: every read goes through ``torch.load(weights_only=True)``
+(or safetensors), and every write goes to a temporary file in the same folder that is
+then renamed over the target, so a crash never leaves a half-written checkpoint behind.
+"""
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+from gissl.errors import CheckpointError
+
+
+def load_file(path):
+    """Load a checkpoint file as plain data (dict of tensors / numbers / strings).
+
+    Accepts ``.pth``/``.pth.tar``/``.pt`` files written by ``torch.save`` and
+    ``.safetensors`` files. Raises :class:`CheckpointError` with the reason for a missing,
+    truncated, non-checkpoint or unsafe (code-carrying pickle) file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass the path of a local file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes); the download or copy was incomplete")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file as load_safetensors
+        except ImportError:
+            raise CheckpointError(
+                f"'{path}' is a .safetensors file but the 'safetensors' package is not installed; "
+                "run 'pip install safetensors' or convert the file to .pth") from None
+        try:
+            return load_safetensors(path)
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file '{path}': {e}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load '{path}': it contains Python objects other than tensors and plain "
+            f"data, and could run code when unpickled ({str(e).splitlines()[0]}). Re-save it as a "
+            "plain state dict, or as .safetensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read checkpoint '{path}': the file is truncated or is not a PyTorch "
+            f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def save_atomic(obj, path):
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state():
+    """All random-number-generator states of this process, as plain data."""
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": np.random.get_state()[1].tolist() + [int(np.random.get_state()[2])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Inverse of :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((int(py[-2]), tuple(int(v) for v in py[:-2]), py[-1]))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], np.asarray(state["numpy"][:-1], dtype=np.uint32),
+                         int(state["numpy"][-1]), 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

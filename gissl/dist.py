@@ -1,0 +1,124 @@
+"""Distributed helpers that are exact no-ops in a plain single process.
+
+Launch with ``torchrun`` (``env://`` rendezvous: no hard-coded host or port); gloo is used
+on CPU and nccl on CUDA. Every helper works at world size 1 without a process group, so
+every loss that gathers across ranks runs in a unit test.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from gissl.errors import UserError
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def resolve_device(name="auto"):
+    """``auto`` → the local CUDA device when there is one, else CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown --device '{name}'; choose from auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device="auto", timeout_s=1800):
+    """Set up the process group when launched by torchrun; return the ``torch.device`` to use.
+
+    In a plain process (no ``WORLD_SIZE`` in the environment) nothing is initialised.
+    """
+    dev = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return dev
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t):
+    """Sum of ``t`` over ranks (a new tensor; ``t`` is left unchanged)."""
+    t = t.clone()
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_mean(t):
+    """Mean of ``t`` over ranks (a new tensor)."""
+    return all_reduce_sum(t) / get_world_size()
+
+
+@torch.no_grad()
+def concat_all_gather(t):
+    """``(N, ...)`` per rank → ``(N * world, ...)`` in rank order, without gradient."""
+    if not is_dist():
+        return t
+    out = [torch.empty_like(t) for _ in range(get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        ctx.n = t.shape[0]
+        out = [torch.empty_like(t) for _ in range(get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Each rank's loss depends on every rank's slice; the gradient for the local slice
+        # is the sum over ranks of d(loss_r)/d(slice). Summing keeps it equal to the
+        # single-process gradient of the summed losses (DDP then averages over ranks).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rank = get_rank()
+        return grad[rank * ctx.n:(rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(t):
+    """``(N, ...)`` per rank → ``(N * world, ...)``; gradient flows back to the local slice only."""
+    if not is_dist():
+        return t
+    return _GatherWithGrad.apply(t)
+
+
+def broadcast_object(obj, src=0):
+    """The value of ``obj`` on rank ``src``, on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,80 @@
+"""Datasets for gissl: readers for every on-disk format, SSL4GIE splits and augmentations.
+
+Task scripts normally need one call (reference split + reference transforms applied)::
+
+    from gissl.data import build_segmentation_datasets
+    ds = build_segmentation_datasets("Kvasir", root, image_size=224)   # dict(train=, val=, test=)
+
+Builders (each returns ``dict(train=Dataset, val=Dataset, test=Dataset)``; train gets the
+reference train augmentation, val/test the eval transform; ``skip_bad=True`` skips unreadable or
+mis-paired files with one warning listing them, otherwise one ``DataError`` names them):
+
+- ``build_classification_datasets(dataset, root, image_size=224, split="random"|"stratified",
+  seed=42, skip_bad=False)`` -- dataset ``Hyperkvasir_anatomical`` (6 classes) or
+  ``Hyperkvasir_pathological`` (12). Each dataset has ``.classes`` (names, reference class-id
+  order) and ``.labels`` ((N,) int64 numpy). Sample ``{"image": (3,S,S) float normalised,
+  "label": int64 scalar tensor, "index": int}``.
+- ``build_segmentation_datasets(dataset, root, image_size=224, seed=42, original=False,
+  skip_bad=False)`` -- ``Kvasir`` or ``CVC``. Sample ``{"image": (3,S,S), "mask": (1,S,S) float
+  {0,1}, "index"}``; with ``original=True`` (val/test only) also ``"mask_orig": (1,h,w) bool`` and
+  ``"path"``.
+- ``build_depth_datasets(root, image_size=224, val_videos=None, test_videos=None, original=False,
+  skip_bad=False)`` -- C3VD, per-video split (reference videos by default). Sample
+  ``{"image": (3,S,S), "depth": (1,S,S) float mm (0 = invalid), "index"}``; with ``original=True``
+  also ``"depth_orig": (1,h,w) float mm`` and ``"path"``. Images are padded to a centred square
+  (black / depth 0) before resizing, like the reference; map an (S,S) prediction back to the
+  original frame with ``from_square(pred, h, w)``.
+- ``build_detection_datasets(root, fixed_size=None, seed=42, skip_bad=False)`` -- Kvasir-SEG boxes.
+  Sample ``{"image": (3,H,W) float in [0,1] (NOT normalised), "target": {"boxes": (n,4) float32
+  xyxy, "labels": (n,) int64 (all 1)}, "index", "path", "meta"}``; ``fixed_size=F`` (ViT path,
+  reference F=1024) shrinks images larger than F by an integer factor and zero-pads them centred
+  to F x F; ``meta`` = ``{"orig_size": (h, w), "scale": (sx, sy), "offset": (left, top)}`` and
+  ``unpad_boxes(boxes, meta)`` maps predicted boxes back to original pixels
+  (``pad_boxes`` is its exact inverse).
+- ``build_unlabelled_dataset(root, transform=None, decode_size=None, skip_bad=False)`` -- any
+  flat or nested image folder (HyperKvasir unlabelled). ``transform(PIL RGB image)`` is the
+  view-transform; the sample is its result when that is a tuple/list of views, else
+  ``{"image": result, "index"}``. ``decode_size`` (pixels, short side) enables fast reduced-scale
+  JPEG decoding.
+
+Readers (list of dict samples with file paths; validate pairing by name stem and every file's
+header up front):
+
+- ``kvasir_seg(root, skip_bad=False)`` -> ``[{"image", "mask"}]`` (``images/`` + ``masks/``).
+- ``kvasir_boxes(root, skip_bad=False)`` -> ``[{"image", "boxes": (n,4) float32 xyxy}]`` from
+  ``kavsir_bboxes.json`` or ``bounding-boxes.json``.
+- ``cvc_clinicdb(root, skip_bad=False)`` -> ``[{"image", "mask"}]`` (``Original/`` +
+  ``Ground Truth/``).
+- ``image_mask_folders(image_dir, mask_dir, skip_bad=False)`` -> ``[{"image", "mask"}]``.
+- ``hyperkvasir_labelled(root, subset, skip_bad=False)`` -> ``[{"image", "label"}]``;
+  ``subset`` ``"anatomical"`` / ``"pathological"``; ``HYPERKVASIR_CLASSES[subset]`` the names.
+- ``class_folder(root, skip_bad=False)`` -> ``([{"image", "label"}], class_names)``.
+- ``image_folder(root, skip_bad=False)`` -> ``[{"image"}]`` (recursive, sorted).
+- ``c3vd(root, split=None, val_videos=None, test_videos=None, skip_bad=False)`` ->
+  ``[{"image", "depth", "video", "frame"}]`` (split ``"train"|"val"|"test"|None`` = all);
+  ``C3VD_VAL_VIDEOS``, ``C3VD_TEST_VIDEOS`` are the reference's.
+- ``polyp_twin(root)`` -> ``{"queries": [paths], "references": [paths], "matches": [(q, r)]}``
+  (EndoFinder's DISC2021-style retrieval layout).
+
+Datasets (torch ``Dataset``; take a reader's sample list): ``ClassificationDataset``,
+``SegmentationDataset``, ``DepthDataset``, ``DetectionDataset``, ``UnlabelledDataset``.
+
+Splits: ``split_indices(n, seed=42) -> (train, val, test)`` (SSL4GIE's, equal to sklearn's
+two-step ``train_test_split``), ``stratified_split_indices(labels, seed=42)``.
+
+Transforms (``gissl.data.transforms``): ``IMAGENET_MEAN``, ``IMAGENET_STD``, ``normalize``,
+``classification_transform``, ``segmentation_transform``, ``depth_transform``,
+``detection_transform``, ``from_square``, ``pad_boxes``, ``unpad_boxes``.
+Images (``gissl.data.images``): ``open_rgb(path, min_size=None)``, ``load_mask``, ``load_depth``.
+Synthetic data (``gissl.data.synthetic``): ``synthetic_root(dataset, num=None, seed=0)``,
+``generate(dataset, out, num=None, seed=0)``.
+"""
+
+from gissl.data.splits import split_indices, stratified_split_indices  # noqa: F401
+
+# The rest of the public API is imported below once its module exists (see the docstring).
+try:  # pragma: no cover - transitional while the modules are being written
+    from gissl.data.datasets import *  # noqa: F401,F403
+    from gissl.data.transforms import from_square, pad_boxes, unpad_boxes  # noqa: F401
+except ImportError:
+    pass

@@ -1,0 +1,168 @@
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gissl import engine
+from gissl.errors import UserError
+
+
+class Toy(nn.Module):
+    """A small conv net with BatchNorm, so frozen-mode and resume cover BN buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean((2, 3)))
+
+
+class ToyData(torch.utils.data.Dataset):
+    def __init__(self, n=24):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.y = (self.x.mean((1, 2, 3)) > 0).long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        # random "augmentation" drawn from torch's global RNG: resume must reproduce it
+        return {"image": self.x[i] + 0.01 * torch.randn(3, 8, 8), "label": self.y[i]}
+
+
+def losses(model, batch):
+    return {"ce": nn.functional.cross_entropy(model(batch["image"]), batch["label"])}
+
+
+def run(tmp_path, epochs, amp=False, accum_iter=1, frozen=False, validate=True, seed=0):
+    torch.manual_seed(seed)
+    model = Toy()
+    frozen_mods = [engine.freeze(model.encoder)] if frozen else []
+    opt = engine.build_optimizer(model, lr=1e-2)
+    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0, seed=seed)
+    val = (lambda m: float(-sum(losses(m, b)["ce"] for b in
+                                engine.make_loader(ToyData(), batch_size=8, train=False, workers=0))))
+    out = engine.fit(model, train_loader=loader, compute_losses=losses, optimizer=opt,
+                     device=torch.device("cpu"), run_dir=tmp_path, run_name="toy",
+                     args={"seed": seed}, epochs=epochs, validate=val if validate else None,
+                     amp=amp, accum_iter=accum_iter, frozen=frozen_mods, show_progress=False,
+                     lr_scheduler=True)
+    return model, out
+
+
+def test_two_steps_reduce_loss_and_write_files(tmp_path):
+    model, out = run(tmp_path, epochs=2)
+    assert out["epochs_run"] == 2
+    for suffix in (".pth", ".last.pth", ".txt", ".jsonl"):
+        assert os.path.isfile(tmp_path / f"toy{suffix}")
+    records = [json.loads(line) for line in open(tmp_path / "toy.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["train"]["ce"] < records[0]["train"]["ce"]
+    ck = torch.load(tmp_path / "toy.last.pth", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "args", "best_metric"} <= set(ck)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full, _ = run(tmp_path / "a", epochs=3)
+    run(tmp_path / "b", epochs=1)
+    resumed, out = run(tmp_path / "b", epochs=3)  # same command again: resumes at epoch 2
+    assert out["epochs_run"] == 2
+    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_bf16_autocast_trains(tmp_path):
+    _, out = run(tmp_path, epochs=2, amp=True)
+    assert all(torch.isfinite(torch.tensor(r["train"]["ce"])) for r in out["history"])
+
+
+def test_frozen_encoder_is_untouched(tmp_path):
+    torch.manual_seed(0)
+    before = Toy().encoder.state_dict()
+    model, _ = run(tmp_path, epochs=1, frozen=True)
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights and BN running stats
+
+
+def test_accumulation_steps_last_partial_group(tmp_path):
+    # 24 samples / batch 8 = 3 batches; accum 2 → steps after batch 2 and after batch 3
+    model = Toy()
+    opt = engine.build_optimizer(model, lr=1e-2)
+    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    steps = []
+    engine.train_one_epoch(model, loader, opt, losses, device=torch.device("cpu"), epoch=1,
+                           amp=False, accum_iter=2, after_step=lambda m, s: steps.append(s),
+                           show_progress=False)
+    assert steps == [1, 2]
+
+
+def test_accumulation_equals_big_batch():
+    torch.manual_seed(0)
+    a, b = Toy(), Toy()
+    b.load_state_dict(a.state_dict())
+    data = ToyData(16)
+    for model, chunks in ((a, 1), (b, 2)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        n = 16 // chunks
+        loader = [{"image": data.x[i:i + n], "label": data.y[i:i + n]} for i in range(0, 16, n)]
+        engine.train_one_epoch(model, loader, opt, losses, device=torch.device("cpu"), epoch=1,
+                               amp=False, accum_iter=chunks, show_progress=False,
+                               frozen=[model.encoder[1]])  # BN in eval: no batch statistics
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_loss_names_the_step(tmp_path):
+    model = Toy()
+    opt = engine.build_optimizer(model, lr=1e-2)
+    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    with pytest.raises(engine.NonFiniteLossError, match="epoch 1, step 1"):
+        engine.train_one_epoch(model, loader, opt, lambda m, b: {"bad": m(b["image"]).sum() * float("nan")},
+                               device=torch.device("cpu"), epoch=1, amp=False, show_progress=False)
+
+
+def test_optimizer_groups_skip_norms_biases_and_frozen():
+    model = Toy()
+    engine.freeze(model.head)
+    opt = engine.build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model.encoder[0].weight)}
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == 4  # conv w, conv b, bn w, bn b; head excluded
+    with pytest.raises(UserError):
+        engine.build_optimizer(engine.freeze(Toy()), lr=1e-3)
+
+
+def test_loader_order_depends_only_on_seed_and_epoch():
+    data = ToyData(10)
+    orders = []
+    for _ in range(2):
+        loader = engine.make_loader(data, batch_size=2, train=True, workers=0, seed=3)
+        loader.sampler.set_epoch(5)
+        orders.append(list(loader.sampler))
+    assert orders[0] == orders[1] and sorted(orders[0]) == list(range(10))
+    loader.sampler.set_epoch(6)
+    assert list(loader.sampler) != orders[0]
+
+
+def test_collate_keeps_variable_sizes_as_lists():
+    batch = engine.collate([{"a": torch.zeros(2), "m": torch.zeros(1, 3, 4), "p": "x", "i": 1},
+                            {"a": torch.ones(2), "m": torch.zeros(1, 5, 4), "p": "y", "i": 2}])
+    assert batch["a"].shape == (2, 2) and isinstance(batch["m"], list) and batch["p"] == ["x", "y"]
+    assert torch.equal(batch["i"], torch.tensor([1, 2]))
+
+
+def test_lars_steps_and_skips_1d_decay():
+    w = nn.Parameter(torch.ones(3, 3))
+    b = nn.Parameter(torch.ones(3))
+    opt = engine.LARS([w, b], lr=0.1, weight_decay=0.0, momentum=0.0, eta=0.001)
+    (w.sum() + b.sum()).backward()
+    opt.step()
+    # trust ratio eta*||w||/||g|| = 0.001 for w (norms equal); 1 for the bias
+    torch.testing.assert_close(w.detach(), torch.full((3, 3), 1 - 0.1 * 0.001))
+    torch.testing.assert_close(b.detach(), torch.full((3,), 0.9))

@@ -11,5 +11,91 @@ from gissl import dist
 # ---- segmentation / depth (helper: seg-depth) ----
 
 # ---- self-supervised pretraining (helper: pretrain) ----
+#
+# Gradient convention under torchrun: every loss below returns, on each rank, a value whose
+# gradient with respect to that rank's inputs is ``world_size`` times the gradient of the
+# single-process loss on the concatenated batch; DDP averages parameter gradients over
+# ranks, so the update equals the single-process one.
+
+
+def infonce(q, k, temperature=0.2):
+    """InfoNCE of MoCo v3 (Chen, Xie, He 2021, Alg. 1 ``ctr``), without its ``2 * tau`` factor.
+
+    q: (N, D) queries of this rank; k: (N, D) keys of this rank. Both are L2-normalised here.
+    Keys are gathered from every rank so the negatives are the whole global batch; the
+    positive of query ``i`` on rank ``r`` is key ``r * N + i``. When ``k`` requires grad
+    (no momentum encoder), the gradient of the gathered keys flows back to the local slice
+    only. Returns the mean cross-entropy over the local queries (a scalar).
+    """
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1)
+    k_all = dist.all_gather_with_grad(k) if k.requires_grad else dist.concat_all_gather(k)
+    logits = q @ k_all.t() / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * dist.get_rank()
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _all_reduce_sum_grad(t):
+    # Sum over ranks whose backward is also a sum over ranks: every rank computes the same
+    # global loss, so the gradient of a local contribution is the sum of all ranks' gradients.
+    if not dist.is_dist():
+        return t
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(t)
+
+
+def barlow_twins(z1, z2, lambd=0.0051, eps=1e-5):
+    """Barlow Twins redundancy-reduction loss (Zbontar et al. 2021, eq. 1-2).
+
+    z1, z2: (N, D) projector outputs of the two views on this rank. Each dimension is
+    standardised over the *global* batch (mean and variance all-reduced across ranks), and
+    the (D, D) cross-correlation ``C = z1n^T z2n / N_global`` is all-reduced too, so the loss
+    equals the single-process loss on the concatenated batch.
+    ``L = sum_i (1 - C_ii)^2 + lambd * sum_i sum_{j != i} C_ij^2`` (lambda = 0.0051, paper §4).
+    """
+    z1, z2 = z1.float(), z2.float()
+    n = _all_reduce_sum_grad(torch.tensor(float(z1.shape[0]), device=z1.device))
+
+    def standardise(z):
+        # Batch-norm without affine over the global batch (biased variance, as BatchNorm1d).
+        mean = _all_reduce_sum_grad(z.sum(0)) / n
+        var = _all_reduce_sum_grad(((z - mean) ** 2).sum(0)) / n
+        return (z - mean) / torch.sqrt(var + eps)
+
+    c = _all_reduce_sum_grad(standardise(z1).t() @ standardise(z2)) / n
+    on_diag = (1 - torch.diagonal(c)).pow(2).sum()
+    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+def simsiam(p1, z1, p2, z2):
+    """Symmetric SimSiam loss (Chen & He 2021, eq. 2 with stop-gradient, eq. 3).
+
+    p1, p2: (N, D) predictor outputs; z1, z2: (N, D) projector outputs of views 1 and 2.
+    ``L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2`` with ``D(p, z) = -mean cos(p, z)``; its
+    minimum is -1. Per-sample, so no communication across ranks.
+    """
+    def neg_cos(p, z):
+        return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+    return 0.5 * neg_cos(p1, z2) + 0.5 * neg_cos(p2, z1)
+
+
+def masked_patch_mse(pred, target, mask, norm_pix=False, eps=1e-6):
+    """MAE reconstruction loss (He et al. 2022, §3): mean squared error on masked patches only.
+
+    pred, target: (N, L, P) per-patch pixel values (P = patch * patch * 3, see
+    ``gissl.ssl.mae.patchify``); mask: (N, L) with 1 for a masked (removed) patch and 0 for
+    a visible one. ``norm_pix`` normalises each target patch by its own mean and variance
+    (the paper's "normalized pixels" variant, Table 1d).
+    """
+    target = target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
 
 # ---- retrieval (helper: retrieval) ----

@@ -130,5 +130,156 @@ def format_per_class(metrics):
 
 
 # ---- detection: COCO mAP (helper: detection) ----
+# Box AP/AR written here so that validation needs no pycocotools, yet equal to pycocotools'
+# COCOeval(iouType="bbox") number for number (tests/test_metrics_detection.py checks it):
+# 10 IoU thresholds .50:.05:.95, 101 recall points, greedy score-ordered matching, area ranges
+# small/medium/large (32², 96²), at most 1/10/100 detections per image, macro over classes.
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+COCO_AREA_RANGES = {"all": (0.0, 1e5**2), "small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2),
+                    "large": (96.0**2, 1e5**2)}
+COCO_MAX_DETS = (1, 10, 100)
+
+
+def _numpy(x, dtype):
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def coco_box_iou(dt_xywh, gt_xywh, gt_crowd=None):
+    """IoU as pycocotools computes it for boxes: dt (D, 4), gt (G, 4) xywh -> (D, G) float64.
+
+    For a crowd ground truth the union is the detection's own area (COCO's crowd rule).
+    """
+    d = _numpy(dt_xywh, np.float64).reshape(-1, 4)[:, None, :]
+    g = _numpy(gt_xywh, np.float64).reshape(-1, 4)[None, :, :]
+    w = np.minimum(d[..., 0] + d[..., 2], g[..., 0] + g[..., 2]) - np.maximum(d[..., 0], g[..., 0])
+    h = np.minimum(d[..., 1] + d[..., 3], g[..., 1] + g[..., 3]) - np.maximum(d[..., 1], g[..., 1])
+    inter = np.where((w > 0) & (h > 0), w * h, 0.0)
+    d_area, g_area = d[..., 2] * d[..., 3], g[..., 2] * g[..., 3]
+    union = d_area + g_area - inter
+    if gt_crowd is not None:
+        union = np.where(_numpy(gt_crowd, bool)[None, :], d_area, union)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(inter > 0, inter / np.where(inter > 0, union, 1.0), 0.0)
+
+
+def _greedy_match(ious, gt_ignore, gt_crowd):
+    """COCOeval.evaluateImg's matching for all IoU thresholds at once.
+
+    ious (D, G) with detections by descending score and ground truth ignore-last. Each detection
+    takes the still free ground truth of highest IoU >= threshold (ties: the later one, as in
+    pycocotools), preferring non-ignored ones; crowd ground truth can be taken many times.
+    Returns the matched ground-truth index per (threshold, detection), -1 when unmatched: (T, D).
+    """
+    n_dt, n_gt = ious.shape
+    thr = np.minimum(COCO_IOU_THRESHOLDS, 1 - 1e-10)[:, None]
+    match = np.full((len(thr), n_dt), -1)
+    taken = np.zeros((len(thr), n_gt), dtype=bool)
+    if n_gt == 0:
+        return match
+    for d in np.flatnonzero(ious.max(axis=1) >= thr[0, 0]):
+        ok = (~taken | gt_crowd[None, :]) & (ious[d][None, :] >= thr)
+        for group in (~gt_ignore, gt_ignore):
+            cand = ok & group[None, :] & (match[:, d] < 0)[:, None]
+            best = n_gt - 1 - np.argmax(np.where(cand, ious[d], -np.inf)[:, ::-1], axis=1)
+            hit = cand.any(axis=1)
+            match[hit, d] = best[hit]
+        rows = np.flatnonzero(match[:, d] >= 0)
+        taken[rows, match[rows, d]] = True
+    return match
+
+
+def coco_map(predictions, targets):
+    """COCO box AP/AR over a set of images, equal to pycocotools' COCOeval summary.
+
+    predictions: list (one per image) of dicts `boxes (n, 4)` xyxy, `scores (n,)`, `labels (n,)`;
+    targets: list (same images, same order) of dicts `boxes (m, 4)` xyxy, `labels (m,)` and
+    optionally `area (m,)` (default box area) and `iscrowd (m,)`. Images without ground truth or
+    without predictions are fine. Returns floats `map` (AP@[.5:.95]), `map_50`, `map_75`,
+    `map_small/medium/large`, `mar_1`, `mar_10`, `mar_100`, `mar_small/medium/large`; a value
+    pycocotools reports as -1 (no ground truth to measure it on) is NaN here.
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"coco_map got {len(predictions)} predictions for {len(targets)} images")
+    images = []
+    for pred, tgt in zip(predictions, targets):
+        g_xyxy = _numpy(tgt["boxes"], np.float64).reshape(-1, 4)
+        d_xyxy = _numpy(pred["boxes"], np.float64).reshape(-1, 4)
+        g = np.concatenate([g_xyxy[:, :2], g_xyxy[:, 2:] - g_xyxy[:, :2]], axis=1)
+        d = np.concatenate([d_xyxy[:, :2], d_xyxy[:, 2:] - d_xyxy[:, :2]], axis=1)
+        images.append(dict(
+            gt=g, gt_labels=_numpy(tgt["labels"], np.int64).reshape(-1),
+            gt_area=_numpy(tgt["area"], np.float64).reshape(-1) if "area" in tgt else g[:, 2] * g[:, 3],
+            gt_crowd=_numpy(tgt.get("iscrowd", np.zeros(len(g))), bool).reshape(-1),
+            dt=d, dt_scores=_numpy(pred["scores"], np.float64).reshape(-1),
+            dt_labels=_numpy(pred["labels"], np.int64).reshape(-1)))
+    classes = np.unique(np.concatenate([im["gt_labels"] for im in images] + [np.zeros(0, np.int64)]))
+    areas = list(COCO_AREA_RANGES.values())
+    n_t, n_r, n_k, n_a, n_m = len(COCO_IOU_THRESHOLDS), len(COCO_RECALL_THRESHOLDS), len(classes), len(areas), len(COCO_MAX_DETS)
+    precision = -np.ones((n_t, n_r, n_k, n_a, n_m))
+    recall = -np.ones((n_t, n_k, n_a, n_m))
+    for k, cls in enumerate(classes):
+        per_area = [[] for _ in areas]  # per area range: (scores, matched, ignored, n_gt) per image
+        for im in images:
+            gi, di = np.flatnonzero(im["gt_labels"] == cls), np.flatnonzero(im["dt_labels"] == cls)
+            if len(gi) == 0 and len(di) == 0:
+                continue
+            # stable sort as pycocotools (mergesort): ties keep input order
+            di = di[np.argsort(-im["dt_scores"][di], kind="mergesort")][: COCO_MAX_DETS[-1]]
+            dt, scores = im["dt"][di], im["dt_scores"][di]
+            dt_area = dt[:, 2] * dt[:, 3]
+            for a, (lo, hi) in enumerate(areas):
+                g_area = im["gt_area"][gi]
+                ignore = im["gt_crowd"][gi] | (g_area < lo) | (g_area > hi)
+                order = gi[np.argsort(ignore, kind="mergesort")]
+                ignore = np.sort(ignore, kind="mergesort")
+                crowd = im["gt_crowd"][order]
+                match = _greedy_match(coco_box_iou(dt, im["gt"][order], crowd), ignore, crowd)
+                matched = match >= 0
+                dt_ignore = matched & np.append(ignore, False)[match]  # index -1 -> False
+                dt_ignore |= ~matched & ((dt_area < lo) | (dt_area > hi))[None, :]
+                per_area[a].append((scores, matched, dt_ignore, int((~ignore).sum())))
+        for a, entries in enumerate(per_area):
+            n_gt = sum(e[3] for e in entries)
+            if n_gt == 0:
+                continue
+            for m, max_det in enumerate(COCO_MAX_DETS):
+                scores = np.concatenate([e[0][:max_det] for e in entries])
+                order = np.argsort(-scores, kind="mergesort")
+                matched = np.concatenate([e[1][:, :max_det] for e in entries], axis=1)[:, order]
+                ignored = np.concatenate([e[2][:, :max_det] for e in entries], axis=1)[:, order]
+                tp_sum = np.cumsum(matched & ~ignored, axis=1).astype(float)
+                fp_sum = np.cumsum(~matched & ~ignored, axis=1).astype(float)
+                for t in range(n_t):
+                    tp, fp = tp_sum[t], fp_sum[t]
+                    rc = tp / n_gt
+                    pr = tp / (fp + tp + np.spacing(1))
+                    recall[t, k, a, m] = rc[-1] if len(tp) else 0.0
+                    # precision envelope (monotone from the right), read at 101 recall points;
+                    # recall points beyond the last reached recall count as precision 0
+                    pr = np.maximum.accumulate(pr[::-1])[::-1]
+                    idx = np.searchsorted(rc, COCO_RECALL_THRESHOLDS, side="left")
+                    q = np.zeros(n_r)
+                    q[idx < len(pr)] = pr[idx[idx < len(pr)]]
+                    precision[t, :, k, a, m] = q
+
+    def summary(values, iou=None, area="all", max_det=100):
+        a, m = list(COCO_AREA_RANGES).index(area), COCO_MAX_DETS.index(max_det)
+        s = values[..., a, m]
+        if iou is not None:
+            s = s[np.where(iou == COCO_IOU_THRESHOLDS)[0]]
+        s = s[s > -1]
+        return float(np.mean(s)) if s.size else float("nan")
+
+    return {
+        "map": summary(precision), "map_50": summary(precision, iou=0.5),
+        "map_75": summary(precision, iou=0.75), "map_small": summary(precision, area="small"),
+        "map_medium": summary(precision, area="medium"), "map_large": summary(precision, area="large"),
+        "mar_1": summary(recall, max_det=1), "mar_10": summary(recall, max_det=10),
+        "mar_100": summary(recall), "mar_small": summary(recall, area="small"),
+        "mar_medium": summary(recall, area="medium"), "mar_large": summary(recall, area="large"),
+    }
 
 # ---- retrieval (helper: retrieval) ----

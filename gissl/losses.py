@@ -10,6 +10,95 @@ from gissl import dist
 
 # ---- segmentation / depth (helper: seg-depth) ----
 
+def soft_dice(logits, target, smooth=1e-8):
+    """SSL4GIE's soft Dice loss (ssl4gie.md §4.2): ``1 - mean_n Dice_n``.
+
+    logits: (N, 1, H, W) raw scores; target: (N, 1, H, W) in [0, 1] (soft targets allowed).
+    Per image ``Dice = 2 (Σ p·t + smooth) / (Σ p² + Σ t² + smooth)`` with p = sigmoid(logits),
+    computed in fp32 so bf16 autocast does not round the sums.
+    """
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = target.float().flatten(1)
+    dice = 2 * ((p * t).sum(1) + smooth) / ((p * p).sum(1) + (t * t).sum(1) + smooth)
+    return 1 - dice.mean()
+
+
+def align_scale_shift(pred, target, mask):
+    """Least-squares scale s and shift t per image minimising Σ_mask (s·pred + t − target)².
+
+    pred, target: (N, H, W) or (N, 1, H, W); mask: same shape, bool. Returns (s, t), each (N,),
+    in fp32. Images whose 2×2 system is singular (fewer than two distinct valid values, or no
+    valid pixel) get s = t = 0, as the reference (MiDaS `compute_scale_and_shift`).
+    """
+    m = mask.float().flatten(1)
+    p = pred.float().flatten(1)
+    d = target.float().flatten(1)
+    n = m.sum(1)
+    mean_p = (m * p).sum(1) / n.clamp_min(1)
+    mean_d = (m * d).sum(1) / n.clamp_min(1)
+    # Same solution as the reference's 2×2 normal equations (its determinant is n·var), but
+    # centred first: the uncentred form loses most fp32 digits to cancellation.
+    pc = m * (p - mean_p[:, None])
+    var = (pc * pc).sum(1)
+    cov = (pc * (d - mean_d[:, None])).sum(1)
+    ok = var > 0
+    scale = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), torch.zeros_like(var))
+    shift = torch.where(ok, mean_d - scale * mean_p, torch.zeros_like(var))
+    return scale, shift
+
+
+def align_median(pred, target, mask):
+    """Median scaling per image: s = median(target) / median(pred) over valid pixels.
+
+    The alignment most monocular-depth papers report (e.g. Monodepth2). pred, target:
+    (N, ...) ; mask: bool, same shape. Returns s (N,); 0 for an image without a valid pixel
+    or with a zero median prediction.
+    """
+    scales = []
+    for p, d, m in zip(pred.float().flatten(1), target.float().flatten(1), mask.flatten(1)):
+        if not m.any():
+            scales.append(p.new_zeros(()))
+            continue
+        mp = p[m].median()
+        scales.append(d[m].median() / mp if mp > 0 else p.new_zeros(()))
+    return torch.stack(scales)
+
+
+def _masked_gradient_l1(residual, mask):
+    """Σ |∇ residual| over pixel pairs valid at both ends, per image; residual, mask: (N, H, W)."""
+    gx = (residual[:, :, 1:] - residual[:, :, :-1]).abs() * (mask[:, :, 1:] * mask[:, :, :-1])
+    gy = (residual[:, 1:, :] - residual[:, :-1, :]).abs() * (mask[:, 1:, :] * mask[:, :-1, :])
+    return gx.sum((1, 2)) + gy.sum((1, 2))
+
+
+def scale_shift_invariant(pred, target, mask=None, alpha=0.1, scales=4):
+    """MiDaS scale-and-shift-invariant loss with multi-scale gradient matching (ssl4gie.md §4.3).
+
+    pred: (N, 1, H, W) or (N, H, W); target: same shape; mask: bool, default ``target > 0``.
+    Each prediction is aligned to its target by :func:`align_scale_shift` (gradients flow
+    through s and t, as the reference), then
+
+        loss = Σ_M (p' − d)² / (2 Σ|M|)  +  alpha · Σ_{k<scales} Σ|∇(M·(p' − d))|_k / Σ|M_k|
+
+    with ``batch-based`` reduction (sums over the whole batch before dividing) and sub-sampling
+    steps 1, 2, 4, 8. Images without a valid pixel add nothing to sums or counts; a batch with
+    none at all gives a zero that is still connected to ``pred`` (not a Python 0).
+    Computed in fp32. Returns a scalar tensor.
+    """
+    pred = pred.float().reshape(pred.shape[0], pred.shape[-2], pred.shape[-1])
+    target = target.float().reshape(pred.shape)
+    mask = (target > 0) if mask is None else mask.reshape(pred.shape)
+    m = mask.float()
+    s, t = align_scale_shift(pred, target, mask)
+    residual = m * (s.view(-1, 1, 1) * pred + t.view(-1, 1, 1) - target)
+    loss = (residual * residual).sum() / (2 * m.sum()).clamp_min(1)
+    if alpha > 0:
+        for k in range(scales):
+            step = 2 ** k
+            r, mk = residual[:, ::step, ::step], m[:, ::step, ::step]
+            loss = loss + alpha * _masked_gradient_l1(r, mk).sum() / mk.sum().clamp_min(1)
+    return loss
+
 # ---- self-supervised pretraining (helper: pretrain) ----
 #
 # Gradient convention under torchrun: every loss below returns, on each rank, a value whose

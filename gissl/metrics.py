@@ -9,6 +9,87 @@ import torch
 
 # ---- segmentation / depth (helper: seg-depth) ----
 
+def segmentation_scores(pred, target):
+    """Per-image Dice, IoU, precision and recall of binary masks, without ε smoothing.
+
+    pred, target: (N, ...) bool (or 0/1) masks. Returns a dict of (N,) float64 tensors
+    ``dice``, ``iou``, ``precision``, ``recall`` and bool tensors ``both_empty``, ``target_empty``.
+
+    A ratio whose denominator is 0 scores 0 (an empty prediction on a polyp, a prediction on
+    an image without one) — the reference's ε/ε gives such cases 1 (ssl4gie.md §8 item 10).
+    An empty prediction on an empty mask has no defined score at all: it is flagged in
+    ``both_empty`` (its scores are NaN) and :func:`summarize_segmentation` reports it apart.
+    """
+    p = pred.reshape(pred.shape[0], -1).bool()
+    t = target.reshape(target.shape[0], -1).bool()
+    inter = (p & t).sum(1).double()
+    np_, nt = p.sum(1).double(), t.sum(1).double()
+    union = np_ + nt - inter
+
+    def ratio(num, den):
+        return torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
+
+    both_empty = (np_ == 0) & (nt == 0)
+    scores = {"dice": ratio(2 * inter, np_ + nt), "iou": ratio(inter, union),
+              "precision": ratio(inter, np_), "recall": ratio(inter, nt)}
+    scores = {k: torch.where(both_empty, torch.full_like(v, float("nan")), v) for k, v in scores.items()}
+    scores["both_empty"] = both_empty
+    scores["target_empty"] = nt == 0
+    return scores
+
+
+def summarize_segmentation(per_image):
+    """Average per-image scores (dicts of :func:`segmentation_scores`, or one concatenated dict).
+
+    Returns ``{"Dice", "IoU", "Precision", "Recall"}`` means over images with a polyp or a
+    prediction, plus ``"Images"`` and, when any ground-truth mask is empty, ``"Empty masks"``
+    and ``"Empty masks predicted empty"`` counts. Means are NaN when no image qualifies.
+    """
+    if isinstance(per_image, (list, tuple)):
+        per_image = {k: torch.cat([d[k] for d in per_image]) for k in per_image[0]}
+    keep = ~per_image["both_empty"]
+    out = {}
+    for key, name in (("dice", "Dice"), ("iou", "IoU"), ("precision", "Precision"), ("recall", "Recall")):
+        out[name] = per_image[key][keep].mean().item() if keep.any() else float("nan")
+    out["Images"] = int(keep.numel())
+    empty = int(per_image["target_empty"].sum())
+    if empty:
+        out["Empty masks"] = empty
+        out["Empty masks predicted empty"] = int(per_image["both_empty"].sum())
+    return out
+
+
+def depth_errors(pred, target, valid=None):
+    """Per-frame depth errors over valid pixels (SSL4GIE §5.4 plus the usual δ and abs-rel).
+
+    pred, target: (N, ...) depth in one unit (gissl: millimetres); valid: bool, default
+    ``target > 0``. Returns a dict of (N,) float64 tensors: ``rmse``, ``abs`` (mean |p−d|),
+    ``rel_median`` (median |p−d|/d, the reference's "Relative Error"), ``abs_rel``
+    (mean |p−d|/d) and ``delta1`` (fraction with max(p/d, d/p) < 1.25). Frames without a
+    valid pixel get NaN.
+    """
+    p = pred.reshape(pred.shape[0], -1).double()
+    d = target.reshape(target.shape[0], -1).double()
+    v = (d > 0) if valid is None else valid.reshape(d.shape).bool()
+    out = {k: [] for k in ("rmse", "abs", "rel_median", "abs_rel", "delta1")}
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    for pi, di, vi in zip(p, d, v):
+        if not vi.any():
+            for k in out:
+                out[k].append(nan)
+            continue
+        pi, di = pi[vi], di[vi]
+        err = (pi - di).abs()
+        rel = err / di
+        ratio = torch.maximum(pi / di, di / pi.clamp_min(torch.finfo(torch.float64).tiny))
+        out["rmse"].append(err.square().mean().sqrt())
+        out["abs"].append(err.mean())
+        # torch.median returns the lower middle value for an even count; NumPy averages the two.
+        out["rel_median"].append(torch.from_numpy(np.asarray(np.median(rel.numpy()))))
+        out["abs_rel"].append(rel.mean())
+        out["delta1"].append((ratio < 1.25).double().mean())
+    return {k: torch.stack(vals) for k, vals in out.items()}
+
 # ---- classification (helper: classification) ----
 from gissl.errors import UserError  # noqa: E402  (kept inside this section: shared file)
 

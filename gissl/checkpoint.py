@@ -39,13 +39,21 @@ def load_file(path):
             return load_safetensors(path)
         except Exception as e:
             raise CheckpointError(f"cannot read safetensors file '{path}': {e}") from None
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive ("PK"); very old files are raw pickles (protocol byte 0x80)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(f"cannot read checkpoint '{path}': the file is truncated or is not "
+                              "a PyTorch checkpoint (it is neither a torch.save archive nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line]
         raise CheckpointError(
             f"refused to load '{path}': it contains Python objects other than tensors and plain "
-            f"data, and could run code when unpickled ({str(e).splitlines()[0]}). Re-save it as a "
-            "plain state dict, or as .safetensors") from None
+            f"data, which could run code when unpickled ({why[0] if why else 'not weights-only'}). "
+            "Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or as "
+            ".safetensors") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(
             f"cannot read checkpoint '{path}': the file is truncated or is not a PyTorch "

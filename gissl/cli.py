@@ -214,7 +214,7 @@ def append_eval_results(title, name, metrics, path="eval_results.txt"):
 def run(main, get_args):
     """Run ``main(get_args())``; bad input (UserError) prints one line and exits with 2."""
     from gissl import dist
-    from gissl.engine import NonFiniteLossError
+    from gissl.engine import NonFiniteLossError, TrainingInterrupted
     try:
         args = get_args()
         main(args)
@@ -226,6 +226,10 @@ def run(main, get_args):
         print(f"error: {e}", file=sys.stderr, flush=True)
         dist.cleanup()
         sys.exit(1)
+    except TrainingInterrupted as e:
+        print(f"{e}", file=sys.stderr, flush=True)
+        dist.cleanup()
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept, re-run the same command "
               "to resume", file=sys.stderr, flush=True)

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 
 import numpy as np
@@ -172,21 +174,24 @@ def collate(samples):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffles (or not) the indices of one rank's shard; the order depends only on
-    ``(seed, epoch)``, so a resumed run sees the same order as an uninterrupted one.
-    Under torchrun each rank takes every world-th index of the same permutation."""
+    """Yields ``(index, sample_seed)`` pairs for one rank's shard.
+
+    The order depends only on ``(seed, epoch)`` and each sample's seed only on
+    ``(seed, epoch, index)``: with :class:`SeededDataset` the augmentation of a sample is
+    then the same whatever the number of workers or ranks, and a resumed run (even one
+    resumed in the middle of an epoch, see ``skip``) repeats an uninterrupted one exactly.
+    Under torchrun each rank takes every world-th item of the same permutation.
+    """
 
     def __init__(self, n, shuffle, seed=0, drop_last=False):
         self.n, self.shuffle, self.seed, self.drop_last = n, shuffle, seed, drop_last
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.epoch = 0
-        if drop_last:
-            self.per_rank = n // self.world
-        else:
-            self.per_rank = math.ceil(n / self.world)
+        self.epoch, self.skip = 0, 0
+        self.per_rank = n // self.world if drop_last else math.ceil(n / self.world)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """Select the epoch; ``skip`` drops this rank's first ``skip`` samples (mid-epoch resume)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         if self.shuffle:
@@ -197,18 +202,29 @@ class EpochSampler(torch.utils.data.Sampler):
         total = self.per_rank * self.world
         if total > len(order):  # pad by repeating, as DistributedSampler, so ranks stay in step
             order += order[: total - len(order)]
-        return iter(order[self.rank:total:self.world])
+        mine = order[self.rank:total:self.world][self.skip:]
+        base = (self.seed * 1_000_003 + self.epoch * 7_919) * 1_000_033
+        return iter((i, (base + i) % 2**62) for i in mine)
 
     def __len__(self):
-        return self.per_rank
+        return self.per_rank - self.skip
 
 
-def _seed_worker(worker_id):
-    # Torch seeds each worker from the loader's generator (distinct per rank, epoch and
-    # worker, see make_loader); numpy and random follow it so every library agrees.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+class SeededDataset(torch.utils.data.Dataset):
+    """Seeds python, numpy and torch from the sampler's per-sample seed, then reads the sample."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]
 
 
 def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
@@ -218,24 +234,26 @@ def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
     ``batch_size`` is global (as SSL4GIE's ``--batch-size``): each of the ``world`` ranks
     loads ``batch_size // world``. Training shuffles with an order fixed by (seed, epoch)
     and drops the last incomplete batch; evaluation keeps order and every sample.
-    Workers get distinct seeds per rank and worker (the reference gave every rank the
-    same augmentation stream, ssl4gie.md §8.8) and persist across epochs.
+    Every sample's augmentation is seeded from (seed, epoch, index), so ranks and workers
+    draw distinct random streams (the reference gave every rank the same stream,
+    ssl4gie.md §8.8) and results do not depend on the number of workers. Workers persist
+    across epochs; memory is pinned on CUDA.
     """
     world = dist.get_world_size()
     if batch_size < world:
         raise UserError(f"--batch-size {batch_size} is smaller than the number of processes "
                         f"({world}); it is the global batch and must be at least {world}")
+    if len(dataset) == 0:
+        raise UserError("the dataset is empty; check --data-root and --dataset")
     per_rank = batch_size // world
     drop_last = train if drop_last is None else drop_last
     if train and len(dataset) < batch_size:
         drop_last = False  # a tiny dataset still trains, with one short batch per epoch
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, drop_last=drop_last and train)
-    generator = torch.Generator().manual_seed(seed * 1000 + dist.get_rank())
     return torch.utils.data.DataLoader(
-        dataset, batch_size=per_rank, sampler=sampler, num_workers=workers,
+        SeededDataset(dataset), batch_size=per_rank, sampler=sampler, num_workers=workers,
         collate_fn=collate_fn or collate, drop_last=drop_last,
-        pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=workers > 0, worker_init_fn=_seed_worker, generator=generator)
+        pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
 
 
 # --------------------------------------------------------------------------- training
@@ -250,39 +268,48 @@ def _check_finite(losses, total, epoch, step):
 
 def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, scaler=None,
                     amp=True, accum_iter=1, clip_grad=None, frozen=(), lr_schedule=None,
-                    after_step=None, global_step=0, log_every=10, show_progress=True):
-    """One pass over ``loader``. Returns ``(mean_losses: dict, global_step)``.
+                    after_step=None, global_step=0, log_every=10, show_progress=True,
+                    resume=None, should_stop=None):
+    """One pass over ``loader``. Returns ``(mean_losses, global_step, stopped)``.
 
     The loss is divided by ``accum_iter`` and the optimiser steps every ``accum_iter``
     batches and once more on a last partial accumulation (the reference silently dropped
     it). Loss values are read back to the host only every ``log_every`` steps.
+    ``resume`` (``{"batches_done", "sums", "count"}``) continues a partly done epoch whose
+    loader already skips those batches. ``should_stop(global_step)`` is asked after each
+    optimiser step; when it says yes the pass ends there and ``stopped`` holds the
+    ``resume`` dict for this point (``None`` when the epoch completed).
     """
     set_train_mode(model, frozen)
     bare = model.module if hasattr(model, "module") else model
-    n_batches = len(loader)
-    sums, count = {}, 0
+    done = resume["batches_done"] if resume else 0
+    n_batches = done + len(loader)
+    sums = {k: torch.tensor(v, device=device) for k, v in (resume or {}).get("sums", {}).items()}
+    count = resume["count"] if resume else 0
     bar = None
     if show_progress and tqdm is not None and dist.is_main_process():
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n_batches, initial=done, desc=f"epoch {epoch}", leave=False,
+                   dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(loader):
+    stopped = None
+    for j, batch in enumerate(loader, start=done):
         if lr_schedule is not None:
-            lr = lr_schedule(epoch - 1 + i / n_batches)
+            lr = lr_schedule(epoch - 1 + j / n_batches)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)
         batch = move_to(batch, device)
-        last_of_group = (i + 1) % accum_iter == 0 or i + 1 == n_batches
-        no_sync = (hasattr(model, "no_sync") and not last_of_group)
+        last_of_group = (j + 1) % accum_iter == 0 or j + 1 == n_batches
+        no_sync = hasattr(model, "no_sync") and not last_of_group
         with (model.no_sync() if no_sync else contextlib.nullcontext()):
             with autocast(device, amp):
                 losses = compute_losses(model, batch)
                 total = sum(losses.values())
-            # the check needs the value on the host: only at logging steps and the first
+            # the check needs the value on the host: only at logging steps and the last
             # step, so the hot loop has no per-step device sync
-            if i % log_every == 0 or i + 1 == n_batches:
+            if j % log_every == 0 or j + 1 == n_batches:
                 _check_finite(losses, total, epoch, global_step + 1)
             # divide by the group's real length so a last partial group is a true mean
-            group_len = min(accum_iter, n_batches - (i // accum_iter) * accum_iter)
+            group_len = min(accum_iter, n_batches - (j // accum_iter) * accum_iter)
             scaled = total / group_len
             if scaler is not None:
                 scaler.scale(scaled).backward()
@@ -308,10 +335,16 @@ def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, 
                 after_step(bare, global_step)
         if bar is not None:
             bar.update(1)
-            if i % log_every == 0:
+            if j % log_every == 0:
                 bar.set_postfix(loss=f"{float(total):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if last_of_group and j + 1 < n_batches and should_stop is not None and should_stop(global_step):
+            stopped = {"batches_done": j + 1, "count": count,
+                       "sums": {k: float(v) for k, v in sums.items()}}
+            break
     if bar is not None:
         bar.close()
+    if stopped is not None:
+        return {}, global_step, stopped
     # one host sync per epoch: the mean of every term over batches and ranks
     means = {k: float(dist.all_reduce_mean(v / max(count, 1))) for k, v in sums.items()}
     if means:
@@ -321,7 +354,53 @@ def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, 
             raise NonFiniteLossError(
                 f"non-finite mean loss in epoch {epoch}; the last good checkpoint is kept. "
                 "Lower --learning-rate, or try --no-amp")
-    return means, global_step
+    return means, global_step, None
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived; a resumable ``last`` checkpoint was saved first."""
+
+    def __init__(self, signum, path):
+        self.signum, self.path = signum, path
+        super().__init__(f"stopped by signal {signum}; progress saved to '{path}'. "
+                         "Re-run the same command to resume")
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks at the next optimiser step, so the
+    run can save where it is (pre-emption on shared clusters sends SIGTERM)."""
+
+    def __init__(self, check_every):
+        self.signum, self.check_every, self.old = None, check_every, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __call__(self, global_step):
+        if not dist.is_dist():
+            return self.signum is not None
+        # every rank must stop at the same step: agree on the flag (cheap, not every step)
+        if global_step % self.check_every:
+            return False
+        flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())
+        return bool(flag.item())
 
 
 class RunFiles:
@@ -372,6 +451,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     value (higher is better for ``metric_mode="max"``) selects the ``best`` checkpoint and
     drives the plateau scheduler, which every rank steps with the same broadcast value.
     ``extra_state``: optional ``(get() -> dict, set(dict))`` pair saved in checkpoints.
+    SIGTERM/SIGINT save a resumable ``last`` checkpoint at the next optimiser step and
+    raise :class:`TrainingInterrupted`.
 
     Returns a dict with ``best_metric``, ``best_epoch``, ``epochs_run``, ``best_path``,
     ``last_path`` and ``history`` (one dict per epoch run in this call).
@@ -386,9 +467,18 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     dtype = amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(torch.device(device).type) if dtype == torch.float16 else None
     scheduler = _make_scheduler(optimizer, metric_mode, lr_min) if (lr_scheduler and validate) else None
-    args_dict = {k: v for k, v in (vars(args) if not isinstance(args, dict) else args).items()}
+    args_dict = dict(args) if isinstance(args, dict) else dict(vars(args))
+    seed = int(args_dict.get("seed", 0) or 0)
 
-    start_epoch, best, best_epoch, global_step = 1, None, None, 0
+    def snapshot(epoch, best, best_epoch, global_step, partial=None):
+        return {"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch, "best_metric": best, "best_epoch": best_epoch,
+                "global_step": global_step, "partial": partial, "args": args_dict,
+                "extra": extra_state[0]() if extra_state is not None else None}
+
+    start_epoch, best, best_epoch, global_step, partial = 1, None, None, 0, None
     if os.path.exists(files.last):
         state = load_file(files.last)
         try:
@@ -407,9 +497,12 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
         start_epoch = int(state["epoch"]) + 1
         best, best_epoch = state.get("best_metric"), state.get("best_epoch")
         global_step = int(state.get("global_step", 0))
+        partial = state.get("partial")
         set_rng_state(state["rng"][min(dist.get_rank(), len(state["rng"]) - 1)])
         if dist.is_main_process():
-            print(f"Resuming from {files.last} (epoch {start_epoch - 1} done)", flush=True)
+            where = (f"epoch {start_epoch}, batch {partial['batches_done']}" if partial
+                     else f"epoch {start_epoch - 1} done")
+            print(f"Resuming from {files.last} ({where})", flush=True)
             _append(files.log, f"Resumed at epoch {start_epoch}")
     elif dist.is_main_process():
         with open(files.log, "w") as f:
@@ -417,77 +510,79 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
         open(files.jsonl, "w").close()
 
     history = []
-    for epoch in range(start_epoch, epochs + 1):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        # Reseed every epoch from (seed, rank, epoch): augmentation in the main process
-        # then depends on nothing but those, which makes resumed runs exact.
-        base = int(args_dict.get("seed", 0) or 0)
-        torch.manual_seed(base * 7919 + epoch * 104729 + dist.get_rank())
-        random.seed(base * 7919 + epoch * 104729 + dist.get_rank())
-        np.random.seed((base * 7919 + epoch * 104729 + dist.get_rank()) % 2**32)
-        t0 = time.time()
-        means, global_step = train_one_epoch(
-            model, train_loader, optimizer, compute_losses, device=device, epoch=epoch,
-            scaler=scaler, amp=amp, accum_iter=accum_iter, clip_grad=clip_grad, frozen=frozen,
-            lr_schedule=lr_schedule, after_step=after_step, global_step=global_step,
-            log_every=log_every, show_progress=show_progress)
-        train_time = time.time() - t0
-        record = {"epoch": epoch, "train": means, "lr": optimizer.param_groups[0]["lr"],
-                  "train_time_s": round(train_time, 3)}
-        n_seen = len(train_loader) * train_loader.batch_size * dist.get_world_size()
-        lines = [f"Train Epoch: {epoch} [{n_seen}/{n_seen} (100.0%)]\tAverage loss: "
-                 f"{means.get('loss', float('nan')):.6f}\tTime: {train_time:.6f}"]
-        improved = False
-        if validate is not None:
-            value = None
+    with _StopSignals(check_every=log_every) as stop:
+        for epoch in range(start_epoch, epochs + 1):
+            skip = partial["batches_done"] * train_loader.batch_size if partial else 0
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch, skip) if skip else train_loader.sampler.set_epoch(epoch)
+            if not partial:
+                # Reseed every epoch from (seed, rank, epoch): model-side randomness (dropout,
+                # masking) then depends on nothing else, which makes resumed runs exact. A
+                # run resumed mid-epoch continues from the restored RNG state instead.
+                s = (seed * 7919 + epoch * 104729 + dist.get_rank()) % 2**32
+                torch.manual_seed(s), random.seed(s), np.random.seed(s)
+            t0 = time.time()
+            means, global_step, stopped = train_one_epoch(
+                model, train_loader, optimizer, compute_losses, device=device, epoch=epoch,
+                scaler=scaler, amp=amp, accum_iter=accum_iter, clip_grad=clip_grad, frozen=frozen,
+                lr_schedule=lr_schedule, after_step=after_step, global_step=global_step,
+                log_every=log_every, show_progress=show_progress, resume=partial,
+                should_stop=stop)
+            partial = None
+            if stopped is not None:
+                rngs = _gather_rng()
+                if dist.is_main_process():
+                    state = snapshot(epoch - 1, best, best_epoch, global_step, partial=stopped)
+                    state["rng"] = rngs
+                    save_atomic(state, files.last)
+                    _append(files.log, f"Interrupted by signal {stop.signum} in epoch {epoch} "
+                                       f"after batch {stopped['batches_done']}; saved {files.last}")
+                dist.barrier()
+                raise TrainingInterrupted(stop.signum, files.last)
+            train_time = time.time() - t0
+            record = {"epoch": epoch, "train": means, "lr": optimizer.param_groups[0]["lr"],
+                      "train_time_s": round(train_time, 3)}
+            n_seen = len(train_loader.sampler) * dist.get_world_size()
+            lines = [f"Train Epoch: {epoch} [{n_seen}/{n_seen} (100.0%)]\tAverage loss: "
+                     f"{means.get('loss', float('nan')):.6f}\tTime: {train_time:.6f}"]
+            if validate is not None:
+                value = None
+                if dist.is_main_process():
+                    t1 = time.time()
+                    bare.eval()
+                    with torch.inference_mode():
+                        value = float(validate(bare))
+                    lines.append(f"Val   Epoch: {epoch}\tAverage performance: {value:.6f}\t"
+                                 f"Time: {time.time() - t1:.6f}")
+                value = dist.broadcast_object(value)  # one float, the same on every rank
+                record["val"] = value
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"validation metric is {value} after epoch {epoch}")
+                improved = _better(value, best, metric_mode)
+                if improved:
+                    best, best_epoch = value, epoch
+                if scheduler is not None:
+                    old = optimizer.param_groups[0]["lr"]
+                    scheduler.step(value)
+                    new = optimizer.param_groups[0]["lr"]
+                    if new != old:
+                        lines.append(f"Epoch {epoch:5d}: reducing learning rate of group 0 to {new:.4e}.")
+            else:
+                improved, best_epoch = True, epoch
+            rngs = _gather_rng()
             if dist.is_main_process():
-                t1 = time.time()
-                bare.eval()
-                with torch.inference_mode():
-                    value = float(validate(bare))
-                lines.append(f"Val   Epoch: {epoch}\tAverage performance: {value:.6f}\t"
-                             f"Time: {time.time() - t1:.6f}")
-            value = dist.broadcast_object(value)  # one float, the same on every rank
-            record["val"] = value
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"validation metric is {value} after epoch {epoch}")
-            improved = _better(value, best, metric_mode)
-            if improved:
-                best, best_epoch = value, epoch
-            if scheduler is not None:
-                old = optimizer.param_groups[0]["lr"]
-                scheduler.step(value)
-                new = optimizer.param_groups[0]["lr"]
-                if new != old:
-                    lines.append(f"Epoch {epoch:5d}: reducing learning rate of group 0 to {new:.4e}.")
-        else:
-            improved = True
-            best_epoch = epoch
-        state = None
-        if dist.is_main_process():
-            state = {
-                "model": bare.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch, "best_metric": best, "best_epoch": best_epoch,
-                "global_step": global_step, "args": args_dict,
-                "extra": extra_state[0]() if extra_state is not None else None,
-            }
-        rngs = _gather_rng()
-        if dist.is_main_process():
-            state["rng"] = rngs
-            if improved:
-                save_atomic(state, files.best)
-                lines.append("Saving...")
-            save_atomic(state, files.last)
-            for line in lines:
-                print(line, flush=True)
-            _append(files.log, "\n".join(lines))
-            _append(files.jsonl, json.dumps(record))
-        dist.barrier()
-        history.append(record)
+                state = snapshot(epoch, best, best_epoch, global_step)
+                state["rng"] = rngs
+                if improved:
+                    save_atomic(state, files.best)
+                    lines.append("Saving...")
+                save_atomic(state, files.last)
+                for line in lines:
+                    print(line, flush=True)
+                _append(files.log, "\n".join(lines))
+                _append(files.jsonl, json.dumps(record))
+            dist.barrier()
+            history.append(record)
     return {"best_metric": best, "best_epoch": best_epoch, "epochs_run": len(history),
             "best_path": files.best, "last_path": files.last, "history": history}
 

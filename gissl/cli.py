@@ -61,6 +61,9 @@ def task_parser(task, description, *, stage="train", datasets=(), default_epochs
     r = p.add_argument_group("run")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bit-identical reruns on CPU; on GPU some "
+                        "kernels are slower or raise an error naming the operation)")
     r.add_argument("--no-amp", dest="no_amp", action="store_true",
                    help="run in fp32 (default: bf16 autocast where supported, CPU included; fp16 on "
                         "older GPUs)")
@@ -211,12 +214,22 @@ def append_eval_results(title, name, metrics, path="eval_results.txt"):
         f.write(text + "\n")
 
 
+def set_deterministic():
+    """Deterministic kernels everywhere (cuBLAS needs its workspace setting for that)."""
+    import torch
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def run(main, get_args):
     """Run ``main(get_args())``; bad input (UserError) prints one line and exits with 2."""
     from gissl import dist
     from gissl.engine import NonFiniteLossError, TrainingInterrupted
     try:
         args = get_args()
+        if getattr(args, "deterministic", False):
+            set_deterministic()
         main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -188,3 +188,77 @@ def masked_patch_mse(pred, target, mask, norm_pix=False, eps=1e-6):
 
 
 # ---- retrieval (helper: retrieval) ----
+#
+# SSCD (Pizzi et al., CVPR 2022) as used by EndoFinder (endofinder.md §1.4): the embeddings
+# of every view in the global batch are compared; rows are this rank's views, columns the
+# views of all ranks. Instance ids are per-rank (a view matches only views of the same rank
+# with an overlapping id), so ranks need no shared numbering. Each returned value is the
+# mean over this rank's rows: its mean over ranks is the single-process loss on the
+# concatenated batch, and with the summed gradient of ``all_gather_with_grad`` the DDP
+# update equals the single-process one.
+
+
+def _sscd_pairs(z, instance_ids):
+    """Similarities and match masks of this rank's views against the global batch.
+
+    z: (N, D) L2-normalised embeddings of this rank; instance_ids: (N,) int64 instance id of
+    each view, or (N, K) soft labels (Mixup/CutMix: two views match when their label vectors
+    overlap). Returns ``sim (N, N_all)``, ``positive (N, N_all)`` (matches other than the view
+    itself) and ``negative (N, N_all)`` bool masks.
+    """
+    z = z.float()
+    n, rank = z.shape[0], dist.get_rank()
+    z_all = dist.all_gather_with_grad(z)
+    ids = instance_ids if instance_ids.dim() == 2 else instance_ids.view(-1, 1)
+    ids_all = dist.concat_all_gather(ids)
+    ranks = torch.full((n,), rank, device=z.device, dtype=torch.long)
+    ranks_all = dist.concat_all_gather(ranks)
+    if instance_ids.dim() == 2:
+        match = (ids.float() @ ids_all.float().t()) > 0
+    else:
+        match = ids == ids_all.view(1, -1)
+    match &= ranks.view(-1, 1) == ranks_all.view(1, -1)
+    self_mask = torch.zeros_like(match)
+    self_mask[torch.arange(n, device=z.device), torch.arange(n, device=z.device) + n * rank] = True
+    return z @ z_all.t(), match & ~self_mask, ~match
+
+
+def sscd_infonce(z, instance_ids, temperature=0.05, mixup=None):
+    """SSCD's InfoNCE over all views of the global batch (Pizzi et al. 2022, eq. 2).
+
+    z: (N, D) embeddings of this rank (normalised here); instance_ids: (N,) int64 or (N, K)
+    soft labels, see ``_sscd_pairs``. For a positive pair (i, j), j != i,
+    ``p_ij = e^(S_ij/T) / (e^(S_ij/T) + sum_{k in neg(i)} e^(S_ik/T) + 1e-6)`` (SSCD's 1e-6 kept,
+    evaluated in log space so T = 0.05 cannot overflow). Without mixup the loss is the sum of
+    ``-log p_ij`` over all positive pairs divided by the number of rows; with mixup (default:
+    when ``instance_ids`` are soft labels) each row is averaged over its positives first.
+    """
+    sim, pos, neg = _sscd_pairs(F.normalize(z.float(), dim=1), instance_ids)
+    mixup = instance_ids.dim() == 2 if mixup is None else mixup
+    logits = sim / temperature
+    neg_lse = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
+    # log(e^neg_lse + 1e-6) (-13.8155... = log 1e-6); logaddexp also handles rows without
+    # negatives (neg_lse = -inf)
+    neg_lse = torch.logaddexp(neg_lse, torch.full_like(neg_lse, -13.815510557964274))
+    log_p = logits - torch.logaddexp(logits, neg_lse)
+    nll = -(log_p * pos).sum(dim=1)
+    if mixup:
+        return (nll / pos.sum(dim=1).clamp_min(1)).mean()
+    return nll.sum() / sim.shape[0]
+
+
+def koleo(z, instance_ids=None, eps=1e-6):
+    """Kozachenko-Leonenko differential-entropy regulariser (Sablayrolles et al. 2019; SSCD eq. 3).
+
+    z: (N, D) embeddings of this rank (normalised here). For each row the distance to its
+    nearest *non-matching* embedding in the global batch is
+    ``d_i = sqrt(clamp(2 - 2 max_{k in neg(i)} S_ik, eps))`` and the loss is ``-mean_i log d_i``.
+    instance_ids as ``sscd_infonce``; None means every other view is a non-match (plain KoLeo).
+    Rows without any non-match use SSCD's fill similarity -100.
+    """
+    z = F.normalize(z.float(), dim=1)
+    if instance_ids is None:
+        instance_ids = torch.arange(z.shape[0], device=z.device)
+    sim, _, neg = _sscd_pairs(z, instance_ids)
+    nearest = sim.masked_fill(~neg, -100.0).max(dim=1).values
+    return -(2 - 2 * nearest).clamp_min(eps).sqrt().log().mean()

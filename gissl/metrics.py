@@ -364,3 +364,113 @@ def coco_map(predictions, targets):
     }
 
 # ---- retrieval (helper: retrieval) ----
+#
+# Copy-detection metrics follow the ISC2021 / SSCD definitions (endofinder.md §3): the k
+# predictions of every query are pooled and sorted by decreasing score with ties ranked
+# worst-case (non-matches first), so giving every pair the same score cannot inflate a value.
+
+
+def _pooled_matches(scores, is_match):
+    # Decreasing score; within a tie, non-matches before matches (ISC2021 worst case).
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    is_match = np.asarray(is_match, dtype=bool).ravel()
+    order = np.lexsort((is_match, -scores))
+    return scores[order], is_match[order]
+
+
+def precision_recall_curve_pooled(scores, is_match, num_gt):
+    """Precision and recall after each position of the pooled, sorted prediction list.
+
+    scores, is_match: (P,) score of each (query, reference) prediction and whether that pair
+    is in the ground truth; num_gt: number of ground-truth pairs (pairs never predicted count
+    as misses). Returns ``precision (P,), recall (P,), thresholds (P,)``.
+    """
+    if num_gt <= 0:
+        raise ValueError("the ground truth has no pairs: recall is undefined")
+    scores, is_match = _pooled_matches(scores, is_match)
+    tp = np.cumsum(is_match)
+    return tp / np.arange(1, len(tp) + 1), tp / num_gt, scores
+
+
+def micro_average_precision(scores, is_match, num_gt):
+    """Micro-AP (uAP) of pooled predictions: ``sum_i (R_i - R_{i-1}) * P_i`` over the list."""
+    precision, recall, _ = precision_recall_curve_pooled(scores, is_match, num_gt)
+    return float((np.diff(recall, prepend=0.0) * precision).sum())
+
+
+def recall_at_precision(scores, is_match, num_gt, precision=0.9):
+    """Highest recall at any list position whose precision is >= ``precision``.
+
+    Returns ``(recall, threshold)``; ``(0.0, None)`` when that precision is never reached.
+    """
+    p, r, t = precision_recall_curve_pooled(scores, is_match, num_gt)
+    ok = p >= precision
+    if not ok.any():
+        return 0.0, None
+    best = np.argmax(np.where(ok, r, -1.0))
+    return float(r[best]), float(t[best])
+
+
+def copy_detection_metrics(pred_queries, pred_refs, pred_scores, gt_pairs):
+    """uAP, accuracy@1 (= recall at rank 1), recall@P90 and recall@10 of pooled predictions.
+
+    pred_queries, pred_refs, pred_scores: (P,) query id, reference id and score of each
+    prediction (typically k per query); gt_pairs: iterable of (query id, reference id).
+    The rank of a ground-truth pair is the number of that query's predictions scoring at
+    least as high as it, minus one (ties count against it); a pair never predicted has no
+    rank. Duplicated (query, reference) predictions are an error, as in ISC2021.
+    """
+    gt = {(str(q), str(r)) for q, r in gt_pairs}
+    pairs = [(str(q), str(r)) for q, r in zip(pred_queries, pred_refs)]
+    if len(set(pairs)) != len(pairs):
+        raise ValueError("predictions contain the same (query, reference) pair twice")
+    scores = np.asarray(pred_scores, dtype=np.float64)
+    is_match = np.array([p in gt for p in pairs], dtype=bool)
+    by_query = {}
+    for (q, r), s in zip(pairs, scores):
+        by_query.setdefault(q, []).append((r, s))
+    ranks = []
+    for q, r in gt:
+        found = [s for rr, s in by_query.get(q, []) if rr == r]
+        if not found:
+            ranks.append(np.inf)
+            continue
+        ranks.append(sum(s >= found[0] for _, s in by_query[q]) - 1)
+    ranks = np.asarray(ranks, dtype=np.float64)
+    r90, t90 = recall_at_precision(scores, is_match, len(gt), 0.9)
+    return {"uAP": micro_average_precision(scores, is_match, len(gt)),
+            "accuracy@1": float((ranks == 0).mean()),
+            "recall@P90": r90, "threshold@P90": t90,
+            "recall@10": float((ranks < 10).mean())}
+
+
+def precision_at_k(retrieved_labels, query_labels, k):
+    """Mean over queries of the fraction of the top ``k`` neighbours with the query's label.
+
+    retrieved_labels: (Q, K) labels of the neighbours in rank order (K >= k); query_labels: (Q,).
+    """
+    retrieved_labels = np.asarray(retrieved_labels)
+    if retrieved_labels.shape[1] < k:
+        raise ValueError(f"precision@{k} needs at least {k} neighbours, got {retrieved_labels.shape[1]}")
+    hits = retrieved_labels[:, :k] == np.asarray(query_labels).reshape(-1, 1)
+    return float(hits.mean())
+
+
+def map_at_k(retrieved_labels, query_labels, k, num_relevant=None):
+    """Mean average precision at ``k`` of class-based retrieval.
+
+    ``AP@k = sum_{i<=k} P@i * rel_i / min(k, R)`` where R is the number of gallery items with
+    the query's label (``num_relevant``, (Q,)); without it R is the number of hits in the top k
+    (queries without any hit score 0).
+    """
+    retrieved_labels = np.asarray(retrieved_labels)
+    if retrieved_labels.shape[1] < k:
+        raise ValueError(f"mAP@{k} needs at least {k} neighbours, got {retrieved_labels.shape[1]}")
+    rel = (retrieved_labels[:, :k] == np.asarray(query_labels).reshape(-1, 1)).astype(np.float64)
+    prec = np.cumsum(rel, axis=1) / np.arange(1, k + 1)
+    if num_relevant is None:
+        denom = rel.sum(axis=1)
+    else:
+        denom = np.minimum(np.asarray(num_relevant, dtype=np.float64), k)
+    ap = np.where(denom > 0, (prec * rel).sum(axis=1) / np.maximum(denom, 1), 0.0)
+    return float(ap.mean())

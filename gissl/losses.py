@@ -198,6 +198,11 @@ def masked_patch_mse(pred, target, mask, norm_pix=False, eps=1e-6):
 # update equals the single-process one.
 
 
+def _at_least_fp32(z):
+    # bf16 / fp16 autocast outputs are promoted: exp(S / 0.05) needs fp32 range and precision
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def _sscd_pairs(z, instance_ids):
     """Similarities and match masks of this rank's views against the global batch.
 
@@ -206,7 +211,6 @@ def _sscd_pairs(z, instance_ids):
     overlap). Returns ``sim (N, N_all)``, ``positive (N, N_all)`` (matches other than the view
     itself) and ``negative (N, N_all)`` bool masks.
     """
-    z = z.float()
     n, rank = z.shape[0], dist.get_rank()
     z_all = dist.all_gather_with_grad(z)
     ids = instance_ids if instance_ids.dim() == 2 else instance_ids.view(-1, 1)
@@ -233,7 +237,7 @@ def sscd_infonce(z, instance_ids, temperature=0.05, mixup=None):
     ``-log p_ij`` over all positive pairs divided by the number of rows; with mixup (default:
     when ``instance_ids`` are soft labels) each row is averaged over its positives first.
     """
-    sim, pos, neg = _sscd_pairs(F.normalize(z.float(), dim=1), instance_ids)
+    sim, pos, neg = _sscd_pairs(F.normalize(_at_least_fp32(z), dim=1), instance_ids)
     mixup = instance_ids.dim() == 2 if mixup is None else mixup
     logits = sim / temperature
     neg_lse = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
@@ -256,7 +260,7 @@ def koleo(z, instance_ids=None, eps=1e-6):
     instance_ids as ``sscd_infonce``; None means every other view is a non-match (plain KoLeo).
     Rows without any non-match use SSCD's fill similarity -100.
     """
-    z = F.normalize(z.float(), dim=1)
+    z = F.normalize(_at_least_fp32(z), dim=1)
     if instance_ids is None:
         instance_ids = torch.arange(z.shape[0], device=z.device)
     sim, _, neg = _sscd_pairs(z, instance_ids)

@@ -1,0 +1,140 @@
+"""Encoders and their pretrained weights.
+
+``build_encoder("vit_b", pretraining="Hyperkvasir", ss_framework="mae", checkpoint=path)`` is the
+one way scripts get an encoder. Every encoder has ``embed_dim``, ``forward(x) -> (N, embed_dim)``,
+``forward_features(x) -> [4 × (N, C_i, h_i, w_i)]``, ``feature_dims``, ``feature_strides`` and
+``architecture``. Nothing downloads: ImageNet weights are local files (see ``imagenet_class_file``).
+"""
+import glob
+import os
+
+import torch
+
+from gissl.errors import UserError
+from gissl.models.pretrained import describe_state_dict, load_pretrained
+from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
+from gissl.models.vit import VisionTransformer, vit_b, vit_s, vit_t
+
+__all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "load_pretrained",
+           "describe_state_dict", "imagenet_class_file", "is_vit", "ResNetEncoder", "VisionTransformer"]
+
+ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "vit_t": vit_t, "vit_s": vit_s, "vit_b": vit_b}
+PRETRAININGS = ("Hyperkvasir", "ImageNet_self", "ImageNet_class", "random")
+# Which encoder families each SSL framework trains (MAE masks patches: ViT only; the
+# Barlow Twins / SimSiam / FPSiam recipes and the reference use ResNets; MoCo v3 both).
+SS_FRAMEWORKS = {"mocov3": ("resnet", "vit"), "barlowtwins": ("resnet",), "mae": ("vit",),
+                 "simsiam": ("resnet",), "fpsiam": ("resnet",)}
+
+# ImageNet-supervised weight files looked for in the torch hub cache, first found wins.
+# ResNet: torchvision's files (V1 first: the reference used V1, SSL4GIE §3.1).
+# ViT: timm state dicts saved as .pth / .safetensors; augreg in21k→in1k is the reference's
+# choice (SSL4GIE §3.3), augreg2 is timm's current default for vit_base_patch16_224.
+IMAGENET_CLASS_FILES = {
+    "resnet18": ["resnet18-f37072fd.pth", "resnet18-5c106cde.pth"],
+    "resnet50": ["resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth", "resnet50-19c8e357.pth"],
+    "vit_t": ["vit_tiny_patch16_224.augreg_in21k_ft_in1k"],
+    "vit_s": ["vit_small_patch16_224.augreg_in21k_ft_in1k"],
+    "vit_b": ["vit_base_patch16_224.augreg_in21k_ft_in1k", "vit_base_patch16_224.augreg2_in21k_ft_in1k"],
+}
+_IMAGENET_HOWTO = {
+    "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+}
+
+
+def is_vit(architecture):
+    """True for the ViT architectures (vit_t, vit_s, vit_b)."""
+    return architecture.startswith("vit")
+
+
+def build_encoder(architecture, pretraining="random", ss_framework=None, checkpoint=None, *,
+                  img_size=224, window_size=None, window_blocks=()):
+    """Build an encoder and load its pretrained weights (all local files).
+
+    architecture: one of ``ARCHITECTURES``. pretraining: ``Hyperkvasir`` / ``ImageNet_self``
+    (SSL weights: need ``ss_framework`` and ``checkpoint``), ``ImageNet_class`` (supervised
+    ImageNet weights from the torch hub cache, or ``checkpoint``), or ``random``.
+    img_size: ViT position-embedding grid (other sizes are interpolated at run time).
+    window_size / window_blocks: ViT windowed attention (``window_blocks=()`` with a window
+    size means every block but ``out_indices``, the ViTDet pattern). Invalid combinations
+    raise :class:`UserError`; unreadable or non-fitting files :class:`CheckpointError`.
+    """
+    check_combination(architecture, pretraining, ss_framework, checkpoint)
+    if window_size is not None and not is_vit(architecture):
+        raise UserError(f"windowed attention needs a ViT; {architecture} is a ResNet")
+    encoder = ARCHITECTURES[architecture](img_size=img_size)
+    if window_size is not None:
+        encoder.set_window_attention(window_size, list(window_blocks) or None)
+    if pretraining in ("Hyperkvasir", "ImageNet_self"):
+        load_pretrained(encoder, checkpoint, ss_framework)
+    elif pretraining == "ImageNet_class":
+        load_pretrained(encoder, checkpoint or imagenet_class_file(architecture))
+    return encoder
+
+
+def check_combination(architecture, pretraining="random", ss_framework=None, checkpoint=None):
+    """Raise :class:`UserError` for an invalid architecture / pretraining / framework / file combination."""
+    if architecture not in ARCHITECTURES:
+        raise UserError(f"unknown architecture '{architecture}'; choose from {', '.join(sorted(ARCHITECTURES))}")
+    if pretraining not in PRETRAININGS:
+        raise UserError(f"unknown pretraining '{pretraining}'; choose from {', '.join(PRETRAININGS)}")
+    if pretraining in ("Hyperkvasir", "ImageNet_self"):
+        if ss_framework is None or checkpoint is None:
+            raise UserError(
+                f"--pretraining {pretraining} loads self-supervised weights: give both --ss-framework "
+                f"({', '.join(SS_FRAMEWORKS)}) and --checkpoint PATH (e.g. the encoder.pth written by pretrain.py)")
+        if ss_framework not in SS_FRAMEWORKS:
+            raise UserError(f"unknown --ss-framework '{ss_framework}'; choose from {', '.join(SS_FRAMEWORKS)}")
+        family = "vit" if is_vit(architecture) else "resnet"
+        if family not in SS_FRAMEWORKS[ss_framework]:
+            fits = [a for a in sorted(ARCHITECTURES) if ("vit" if is_vit(a) else "resnet") in SS_FRAMEWORKS[ss_framework]]
+            raise UserError(f"--ss-framework {ss_framework} trains {' or '.join(SS_FRAMEWORKS[ss_framework])} "
+                            f"encoders, not {architecture}; use --architecture {' / '.join(fits)}")
+    else:
+        if ss_framework is not None:
+            raise UserError(f"--ss-framework is only used with --pretraining Hyperkvasir or ImageNet_self, "
+                            f"not {pretraining}; drop it or change --pretraining")
+        if pretraining == "random" and checkpoint is not None:
+            raise UserError("--checkpoint given with --pretraining random would be ignored; use --pretraining "
+                            "Hyperkvasir / ImageNet_self (with --ss-framework) or ImageNet_class to load it")
+
+
+def imagenet_class_file(architecture):
+    """Path of the local ImageNet-supervised weights for ``architecture``.
+
+    Looks in ``torch.hub.get_dir()/checkpoints`` (i.e. ``$TORCH_HOME/hub/checkpoints``) for the
+    torchvision file names, and for ViTs also ``<timm name>.pth`` / ``.safetensors`` there and
+    timm's own Hugging Face cache. Raises :class:`UserError` naming the file and folder.
+    """
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    names = IMAGENET_CLASS_FILES[architecture]
+    candidates = []
+    for name in names:
+        if is_vit(architecture):
+            candidates += [os.path.join(folder, name + ext) for ext in (".pth", ".safetensors")]
+            candidates += sorted(glob.glob(os.path.join(_hf_cache(), f"models--timm--{name}", "snapshots",
+                                                        "*", "model.safetensors")))
+        else:
+            candidates.append(os.path.join(folder, name))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    if is_vit(architecture):
+        name = names[0]
+        howto = (f"on a machine with internet run: python -c \"import timm, torch; torch.save(timm.create_model("
+                 f"'{name}', pretrained=True).state_dict(), '{name}.pth')\" and copy {name}.pth there")
+        expected = f"{name}.pth (or .safetensors)"
+    else:
+        expected = names[0]
+        howto = f"download {_IMAGENET_HOWTO[architecture]} and copy it there"
+    raise UserError(f"--pretraining ImageNet_class for {architecture} needs the file {expected} in {folder} "
+                    f"(set TORCH_HOME to move that folder); {howto}, or pass the file with --checkpoint PATH. "
+                    "Nothing is downloaded at run time")
+
+
+def _hf_cache():
+    """Hugging Face hub cache folder (where timm stores weights it downloaded)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    return os.path.join(home, "hub")

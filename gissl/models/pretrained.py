@@ -1,0 +1,177 @@
+"""Load pretrained encoder weights from any known checkpoint layout, strictly.
+
+Layouts understood (all read through ``gissl.checkpoint.load_file``, i.e. as data only):
+
+- flat state dicts: torchvision / timm files, Barlow Twins ``resnet50.pth``, an extracted MoCo v3
+  base encoder, gissl's ``encoder.pth``; ``.pth``, ``.pth.tar``, ``.pt`` or ``.safetensors``;
+- containers: ``{"state_dict": ...}`` (official MoCo v3, keys ``module.base_encoder.*`` and
+  ``module.momentum_encoder.*``) and ``{"model": ...}`` (MAE; gissl's pretrain ``checkpoint.pth``
+  with ``encoder.*`` / ``momentum_encoder.*``; gissl's finetuned checkpoints with ``encoder.*``).
+
+The encoder is found as the key prefix under which most of the encoder's own parameter names
+occur (a momentum / teacher copy loses ties). Heads, projectors and decoders of the source
+(``fc.*``, ``head.*``, ``mask_token``, ``decoder_*``) are dropped on purpose; every other
+difference (missing, unexpected or mis-shaped key) is an error naming the keys and saying which
+architecture the file holds. A ``pos_embed`` of another grid size is interpolated.
+"""
+import math
+import re
+
+import torch
+
+from gissl.checkpoint import load_file
+from gissl.errors import CheckpointError
+from gissl.models.vit import resample_pos_embed
+
+# Keys under which trainers store the weights: MoCo v3 "state_dict", MAE and gissl "model".
+_CONTAINER_KEYS = ("state_dict", "model")
+# Parts of SSL / supervised models that are not the encoder: ResNet fc (MoCo v3 projector,
+# ImageNet classifier), ViT head (MoCo v3 projector, timm classifier), fc_norm (timm pooled
+# head norm), MAE's mask token and decoder.
+_DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_")
+_DROPPED_KEYS = ("mask_token",)
+# Names that identify where an encoder starts inside a larger state dict.
+_ANCHORS = ("pos_embed", "cls_token", "patch_embed.proj.weight", "layer1.0.conv1.weight")
+_SECONDARY_COPY = re.compile(r"momentum|teacher|ema", re.IGNORECASE)
+_VIT_NAMES = {192: "ViT-T", 384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
+_RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+                  ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
+
+
+def load_pretrained(encoder, path, ss_framework=None):
+    """Load the encoder weights found in checkpoint ``path`` into ``encoder`` (strict).
+
+    ``ss_framework`` (e.g. "mocov3", "mae") only sharpens error messages: the layout is
+    recognised from the file itself. Returns ``{"prefix", "loaded", "dropped"}`` for logging.
+    Raises :class:`CheckpointError` for unreadable/unsafe files, non-finite values, and any
+    key that does not fit (naming the keys and the architecture the file holds).
+    """
+    state = _find_state_dict(load_file(path), path)
+    expected = encoder.state_dict()
+    prefix = _encoder_prefix(state, expected.keys())
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    dropped = sorted(k for k in weights if k not in expected and _is_dropped(k))
+    for k in dropped:
+        del weights[k]
+    # Files written before BatchNorm had this buffer (e.g. torchvision's resnet50-19c8e357.pth)
+    # lack it; it only counts batches and is not used with the default momentum.
+    for k, v in expected.items():
+        if k.endswith("num_batches_tracked") and k not in weights:
+            weights[k] = v.clone()
+    if "pos_embed" in weights and "pos_embed" in expected:
+        weights["pos_embed"] = _fit_pos_embed(weights["pos_embed"], encoder, path)
+
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misshaped = [f"{k} (file {tuple(weights[k].shape)}, model {tuple(v.shape)})"
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_mismatch_message(encoder, path, prefix, weights, missing, unexpected,
+                                                misshaped, ss_framework))
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds NaN/Inf values in {len(bad)} encoder tensor(s) ({_names(bad)}); "
+            "the run that wrote it diverged. Use an earlier checkpoint of that run")
+    encoder.load_state_dict(weights, strict=True)
+    return {"prefix": prefix, "loaded": len(weights), "dropped": dropped}
+
+
+def describe_state_dict(state):
+    """Name the architecture a flat state dict holds, e.g. "a ViT-B/16 (768-d, 12 blocks)".
+
+    Returns (family, text) with family "vit", "resnet" or None.
+    """
+    keys = list(state)
+    if any(k in state for k in ("pos_embed", "cls_token", "patch_embed.proj.weight")):
+        dim = next((state[k].shape[-1] for k in ("cls_token", "pos_embed") if k in state), None)
+        if dim is None:
+            dim = state["patch_embed.proj.weight"].shape[0]
+        depth = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+        patch = state["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in state else "?"
+        name = _VIT_NAMES.get(dim, "ViT")
+        return "vit", f"a {name}/{patch} ({dim}-d, {depth} blocks; cls_token/pos_embed/blocks keys)"
+    if "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
+        blocks = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+        bottleneck = any(".conv3." in k for k in keys)
+        depth = _RESNET_DEPTHS.get((blocks, bottleneck))
+        name = f"ResNet-{depth}" if depth else f"ResNet with {list(blocks)} blocks per stage"
+        return "resnet", f"a {name} (conv1/layer1..4 keys)"
+    return None, f"an unrecognised layout (first keys: {_names(keys, 5)})"
+
+
+def _find_state_dict(obj, path):
+    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers down to a flat dict of tensors."""
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    top = _names(list(obj), 8) if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(
+        f"checkpoint '{path}' holds no state dict of tensors (found: {top}); expected a state dict, "
+        "or a dict with it under 'state_dict' (MoCo v3) or 'model' (MAE, gissl)")
+
+
+def _encoder_prefix(state, expected):
+    """The key prefix ('' for flat files) under which the encoder's parameters sit in ``state``."""
+    expected = set(expected)
+    scores, anchored = {}, set()
+    for key in state:
+        cuts = [0] + [i + 1 for i, c in enumerate(key) if c == "."]
+        for cut in cuts:
+            prefix, rest = key[:cut], key[cut:]
+            if rest in expected:
+                scores[prefix] = scores.get(prefix, 0) + 1
+            if rest in _ANCHORS:
+                anchored.add(prefix)
+    # Most matching names wins; a momentum / teacher / EMA copy loses ties to the base encoder.
+    rank = lambda p: (-scores.get(p, 0), bool(_SECONDARY_COPY.search(p)), len(p))  # noqa: E731
+    candidates = set(scores) | anchored
+    return min(candidates, key=rank) if candidates else ""
+
+
+def _is_dropped(key):
+    return key.startswith(_DROPPED_PREFIXES) or key in _DROPPED_KEYS
+
+
+def _fit_pos_embed(pos_embed, encoder, path):
+    """Interpolate a (1, 1 + g*g, D) position embedding to the encoder's grid."""
+    target = encoder.pos_embed
+    if pos_embed.shape == target.shape or pos_embed.dim() != 3 or pos_embed.shape[-1] != target.shape[-1]:
+        return pos_embed  # equal, or a width mismatch reported with the other keys
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    if side * side != pos_embed.shape[1] - 1:
+        raise CheckpointError(
+            f"checkpoint '{path}': pos_embed has {pos_embed.shape[1]} positions, not 1 CLS position plus a "
+            "square grid, so it cannot be interpolated to this model's grid; use a file with a CLS position")
+    return resample_pos_embed(pos_embed, (side, side), encoder.pos_grid)
+
+
+def _mismatch_message(encoder, path, prefix, weights, missing, unexpected, misshaped, ss_framework):
+    model_family = "vit" if encoder.architecture.startswith("vit") else "resnet"
+    model_text = "a ViT" if model_family == "vit" else "a ResNet"
+    file_family, file_text = describe_state_dict(weights)
+    where = f" under '{prefix}'" if prefix else ""
+    if file_family is not None and file_family != model_family:
+        head = f"this file holds {file_text}{where}, not {model_text}; --architecture {encoder.architecture} needs " \
+               f"a {'ViT' if model_family == 'vit' else 'ResNet'} checkpoint"
+    else:
+        head = f"this file holds {file_text}{where}, which does not match {encoder.architecture}"
+    framework = f" (given as a {ss_framework} checkpoint)" if ss_framework else ""
+    parts = [f"checkpoint '{path}'{framework} does not fit encoder {encoder.architecture}: {head}."]
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_names(missing)}.")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}.")
+    if misshaped:
+        parts.append(f"mis-shaped keys ({len(misshaped)}): {_names(misshaped)}.")
+    parts.append("Pass a checkpoint of the same architecture as --architecture (or change --architecture).")
+    return " ".join(parts)
+
+
+def _names(keys, most=8):
+    keys = list(keys)
+    return ", ".join(keys[:most]) + (f", ... ({len(keys) - most} more)" if len(keys) > most else "")

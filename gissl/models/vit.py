@@ -1,0 +1,257 @@
+"""Vision Transformer encoders (ViT-T/S/B, patch 16) with timm's parameter names.
+
+Parameter names equal timm's ``vit_base_patch16_224`` (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``),
+so timm, MoCo v3 and MAE weights load without renaming (SSL4GIE §3.3: patch 16, MLP ratio 4,
+qkv bias, LayerNorm eps 1e-6). Attention runs through ``F.scaled_dot_product_attention``.
+Any input whose height and width are multiples of 16 works: the patch part of the position
+embedding is interpolated to the token grid, the CLS position is kept.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gissl.errors import UserError
+
+# Blocks tapped for dense tasks (DPT, SSL4GIE §3.3): the 3rd/6th/9th/12th of 12 blocks.
+OUT_INDICES = (2, 5, 8, 11)
+
+
+def resample_pos_embed(pos_embed, old_grid, new_grid, num_prefix=1):
+    """Interpolate the patch part of a position embedding to another token grid.
+
+    pos_embed: (1, P + gh*gw, D) with P prefix (CLS) positions first, kept unchanged.
+    Returns (1, P + h*w, D). Bicubic with antialias in fp32, like timm's
+    ``resample_abs_pos_embed``, so our outputs equal timm's at any input size.
+    """
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    dim = pos_embed.shape[-1]
+    grid = grid.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def window_attention(q, k, v, grid, window_size, num_prefix=1):
+    """Attention inside non-overlapping windows of window_size × window_size tokens.
+
+    q, k, v: (N, heads, P + h*w, d), P prefix (CLS) tokens first, then the h×w grid row by row.
+    Returns (N, heads, P + h*w, d). Patch tokens attend to the tokens of their window and to the
+    prefix tokens; prefix tokens attend to everything. So a window covering the whole grid is
+    exactly global attention. A grid not divisible by the window is padded; padded tokens are
+    masked out as keys, so results do not depend on the padding (ViTDet pads without a mask).
+    """
+    h, w = grid
+    n, heads, _, d = q.shape
+    ws, p = window_size, num_prefix
+    pad_h, pad_w = (-h) % ws, (-w) % ws
+    hp, wp = h + pad_h, w + pad_w
+    nwin = (hp // ws) * (wp // ws)
+
+    def to_windows(t):  # (N, heads, P + h*w, d) -> (N * nwin, heads, ws*ws, d)
+        t = t[:, :, p:].reshape(n, heads, h, w, d)
+        t = F.pad(t, (0, 0, 0, pad_w, 0, pad_h))
+        t = t.reshape(n, heads, hp // ws, ws, wp // ws, ws, d).permute(0, 2, 4, 1, 3, 5, 6)
+        return t.reshape(n * nwin, heads, ws * ws, d)
+
+    def with_prefix(t_win, t):  # every window also sees the prefix keys / values
+        pre = t[:, :, :p].unsqueeze(1).expand(n, nwin, heads, p, d).reshape(n * nwin, heads, p, d)
+        return torch.cat([pre, t_win], dim=2)
+
+    qw = to_windows(q)
+    kw, vw = with_prefix(to_windows(k), k), with_prefix(to_windows(v), v)
+    mask = None
+    if pad_h or pad_w:
+        valid = torch.zeros(hp, wp, dtype=torch.bool, device=q.device)
+        valid[:h, :w] = True
+        valid = valid.reshape(hp // ws, ws, wp // ws, ws).permute(0, 2, 1, 3).reshape(nwin, ws * ws)
+        valid = torch.cat([valid.new_ones(nwin, p), valid], dim=1)  # (nwin, P + ws*ws)
+        mask = valid[None, :, None, None, :].expand(n, -1, 1, 1, -1).reshape(n * nwin, 1, 1, p + ws * ws)
+    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=mask)
+    out = out.reshape(n, hp // ws, wp // ws, heads, ws, ws, d).permute(0, 3, 1, 4, 2, 5, 6)
+    out = out.reshape(n, heads, hp, wp, d)[:, :, :h, :w].reshape(n, heads, h * w, d)
+    out_prefix = F.scaled_dot_product_attention(q[:, :, :p], k, v) if p else out[:, :, :0]
+    return torch.cat([out_prefix, out], dim=2)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: (N, 3, H, W) -> (N, H/16 * W/16, D)."""
+
+    def __init__(self, patch_size=16, embed_dim=768, in_chans=3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        p = self.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise UserError(
+                f"image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of the ViT patch size {p}; "
+                f"resize or crop to a multiple of {p} (e.g. --image-size 224)")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, global or windowed (``window_size`` tokens per side)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise UserError(f"embedding width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.window_size = None  # None = global attention
+
+    def forward(self, x, grid):
+        """x: (N, 1 + h*w, D), grid = (h, w). Returns (N, 1 + h*w, D)."""
+        n, length, dim = x.shape
+        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, L, d)
+        if self.window_size is None:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = window_attention(q, k, v, grid, self.window_size, num_prefix=length - grid[0] * grid[1])
+        return self.proj(x.transpose(1, 2).reshape(n, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm ``Block`` without layer scale / drop path)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, grid):
+        x = x + self.attn(self.norm1(x), grid)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder. ``forward``: (N, 3, H, W) -> (N, D) CLS token after the final LayerNorm.
+
+    ``forward_features``: the outputs of blocks ``out_indices`` (before the final norm, CLS
+    dropped) as 4 maps (N, D, H/16, W/16). ``img_size`` sets the grid of the stored
+    ``pos_embed`` (int or (H, W)); other input sizes interpolate it on the fly.
+    """
+
+    def __init__(self, *, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16,
+                 img_size=224, out_indices=OUT_INDICES, architecture="vit"):
+        super().__init__()
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_h % patch_size or img_w % patch_size:
+            raise UserError(f"image size {img_h}x{img_w} is not a multiple of the patch size {patch_size}")
+        if max(out_indices) >= depth:
+            raise UserError(f"out_indices {tuple(out_indices)} exceed the {depth} blocks of {architecture}")
+        self.architecture = architecture
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.pos_grid = (img_h // patch_size, img_w // patch_size)
+        self.out_indices = tuple(out_indices)
+        self.feature_dims = [embed_dim] * len(self.out_indices)
+        self.feature_strides = [patch_size] * len(self.out_indices)
+
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid[0] * self.pos_grid[1], embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self):
+        # timm's default ViT init: trunc-normal 0.02 for pos_embed and Linear weights, zero biases.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def pos_embed_for(self, h, w):
+        """Position embedding (1, 1 + h*w, D) for an h×w token grid (CLS position first)."""
+        return resample_pos_embed(self.pos_embed, self.pos_grid, (h, w))
+
+    def set_window_attention(self, window_size, blocks=None):
+        """Use attention in window_size×window_size token windows in ``blocks``, global elsewhere.
+
+        ``blocks=None`` picks every block not in ``out_indices`` (ViTDet / SSL4GIE §3.4 pattern:
+        global attention stays in the tapped blocks). ``window_size=None`` makes all blocks global.
+        Parameter names do not change, so weights load either way.
+        """
+        if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
+            raise UserError(f"window size must be a positive integer number of tokens, got {window_size!r}")
+        if blocks is None:
+            blocks = [i for i in range(len(self.blocks)) if i not in self.out_indices]
+        blocks = set(blocks)
+        bad = sorted(b for b in blocks if not 0 <= b < len(self.blocks))
+        if bad:
+            raise UserError(f"window-attention blocks {bad} do not exist; {self.architecture} has "
+                            f"blocks 0..{len(self.blocks) - 1}")
+        for i, blk in enumerate(self.blocks):
+            blk.attn.window_size = window_size if i in blocks else None
+
+    @property
+    def window_blocks(self):
+        """Indices of the blocks that use windowed attention."""
+        return [i for i, blk in enumerate(self.blocks) if blk.attn.window_size is not None]
+
+    def tokens(self, x):
+        """Patch + CLS tokens with position embedding: (N, 3, H, W) -> ((N, 1 + h*w, D), (h, w))."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.pos_embed_for(h, w), (h, w)
+
+    def forward_tokens(self, x):
+        """All tokens after the final LayerNorm: (N, 3, H, W) -> (N, 1 + H/16 * W/16, D)."""
+        x, grid = self.tokens(x)
+        for blk in self.blocks:
+            x = blk(x, grid)
+        return self.norm(x)
+
+    def forward(self, x):
+        """(N, 3, H, W) -> (N, D): the CLS token after the final LayerNorm."""
+        return self.forward_tokens(x)[:, 0]
+
+    def forward_features(self, x):
+        """(N, 3, H, W) -> list of len(out_indices) maps (N, D, H/16, W/16), before the final norm."""
+        x, (h, w) = self.tokens(x)
+        feats = []
+        for i, blk in enumerate(self.blocks[: max(self.out_indices) + 1]):
+            x = blk(x, (h, w))
+            if i in self.out_indices:
+                feats.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w))
+        return feats
+
+
+def vit_t(img_size=224):
+    """ViT-Ti/16: 192-d, 12 blocks, 3 heads (timm ``vit_tiny_patch16_224``)."""
+    return VisionTransformer(embed_dim=192, depth=12, num_heads=3, img_size=img_size, architecture="vit_t")
+
+
+def vit_s(img_size=224):
+    """ViT-S/16: 384-d, 12 blocks, 6 heads (timm ``vit_small_patch16_224``)."""
+    return VisionTransformer(embed_dim=384, depth=12, num_heads=6, img_size=img_size, architecture="vit_s")
+
+
+def vit_b(img_size=224):
+    """ViT-B/16: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch16_224``, SSL4GIE §3.3)."""
+    return VisionTransformer(embed_dim=768, depth=12, num_heads=12, img_size=img_size, architecture="vit_b")

@@ -34,18 +34,26 @@ __all__ = [
     "SEGMENTATION_DATASETS", "CLASSIFICATION_DATASETS",
 ]
 
-# Class-id order of the reference (ssl4gie.md §2.2): lower-gi-tract before upper-gi-tract, then
-# class folders sorted with a trailing "/" (so "...grade-1-2/" sorts before "...grade-1/").
-# (tract, category folder, class folder) per class id.
+# Class-id order of the reference (ssl4gie.md §2.2): tract folders sorted (lower-gi-tract before
+# upper-gi-tract), then class folders as ``sorted(glob(sf + "*/"))`` returns them, i.e. sorted
+# WITH the trailing "/" -- "-" sorts before "/", so "ulcerative-colitis-grade-1-2/" comes before
+# "ulcerative-colitis-grade-1/" and "barretts-short-segment/" before "barretts/" (the class list
+# printed in ssl4gie.md §2.2 has those two swapped; the reference code's order is used here).
+_HK_FOLDERS = {
+    ("lower-gi-tract", "anatomical-landmarks"): ("cecum", "ileum", "retroflex-rectum"),
+    ("upper-gi-tract", "anatomical-landmarks"): ("pylorus", "retroflex-stomach", "z-line"),
+    ("lower-gi-tract", "pathological-findings"): (
+        "hemorrhoids", "polyps", "ulcerative-colitis-grade-0-1", "ulcerative-colitis-grade-1",
+        "ulcerative-colitis-grade-1-2", "ulcerative-colitis-grade-2", "ulcerative-colitis-grade-2-3",
+        "ulcerative-colitis-grade-3"),
+    ("upper-gi-tract", "pathological-findings"): ("barretts", "barretts-short-segment", "esophagitis-a",
+                                                  "esophagitis-b-d"),
+}
+# (tract, category folder, class folder) per class id
 HYPERKVASIR_LAYOUT = {
-    "anatomical": [("lower-gi-tract", "anatomical-landmarks", c) for c in ("cecum", "ileum", "retroflex-rectum")]
-    + [("upper-gi-tract", "anatomical-landmarks", c) for c in ("pylorus", "retroflex-stomach", "z-line")],
-    "pathological": [("lower-gi-tract", "pathological-findings", c) for c in (
-        "hemorrhoids", "polyps", "ulcerative-colitis-grade-0-1", "ulcerative-colitis-grade-1-2",
-        "ulcerative-colitis-grade-1", "ulcerative-colitis-grade-2-3", "ulcerative-colitis-grade-2",
-        "ulcerative-colitis-grade-3")]
-    + [("upper-gi-tract", "pathological-findings", c) for c in (
-        "barretts", "barretts-short-segment", "esophagitis-a", "esophagitis-b-d")],
+    subset: [(tract, cat, c) for (tract, cat), classes in sorted(_HK_FOLDERS.items()) if cat == category
+             for c in sorted(classes, key=lambda name: name + "/")]
+    for subset, category in (("anatomical", "anatomical-landmarks"), ("pathological", "pathological-findings"))
 }
 HYPERKVASIR_CLASSES = {k: [c for _, _, c in v] for k, v in HYPERKVASIR_LAYOUT.items()}
 CLASSIFICATION_DATASETS = {"Hyperkvasir_anatomical": "anatomical", "Hyperkvasir_pathological": "pathological"}
@@ -558,7 +566,7 @@ class DetectionDataset(_SampleDataset):
         meta = T.fixed_size_geometry(h, w, self.fixed_size)
         img = _to_tensor(self._decode(s["image"], meta))
         nh, nw = meta["size"]
-        boxes = tv_tensors.BoundingBoxes(T.pad_boxes(torch.as_tensor(s["boxes"]), dict(meta, offset=(0, 0))),
+        boxes = tv_tensors.BoundingBoxes(T.pad_boxes(torch.as_tensor(s["boxes"]), dict(meta, offset=(0, 0))).float(),
                                          format="XYXY", canvas_size=(nh, nw))
         transform = self._transform or T.detection_transform(self.train, blur_scale=1.0 / meta["k"])
         img, boxes = transform(img, boxes)

@@ -208,20 +208,20 @@ def _box_affine(boxes, meta):
 
 
 def pad_boxes(boxes, meta):
-    """Original-pixel xyxy boxes (n, 4) -> model canvas coordinates (see ``fixed_size_geometry``).
-    Computed in float64; ``unpad_boxes(pad_boxes(b, m), m)`` returns b exactly (scales are 1/k,
-    so exact for float64 boxes and for float32 boxes on whole or half pixels at k <= 2)."""
+    """Original-pixel xyxy boxes (n, 4) -> model canvas coordinates (see
+    ``fixed_size_geometry``), as float64 so that no precision is lost on the way:
+    ``unpad_boxes(pad_boxes(b, m), m)`` returns float32 boxes ``b`` exactly."""
     boxes = torch.as_tensor(boxes)
     s, o = _box_affine(boxes, meta)
-    return (boxes.double() * s + o).to(boxes.dtype if boxes.is_floating_point() else torch.float32)
+    return boxes.double() * s + o
 
 
-def unpad_boxes(boxes, meta):
+def unpad_boxes(boxes, meta, dtype=torch.float32):
     """Canvas xyxy boxes (n, 4) (e.g. detector predictions) -> original-image pixels, clipped
-    to the original image."""
+    to the original image; computed in float64, returned as ``dtype``."""
     boxes = torch.as_tensor(boxes)
     s, o = _box_affine(boxes, meta)
     out = (boxes.double() - o) / s
     h, w = meta["orig_size"]
     out = torch.minimum(out.clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float64))
-    return out.to(boxes.dtype if boxes.is_floating_point() else torch.float32)
+    return out.to(dtype)

@@ -143,9 +143,11 @@ def check_image(path):
     """
     try:
         size_on_disk = os.path.getsize(path)
-        with warnings.catch_warnings(), Image.open(path) as im:
+        with warnings.catch_warnings():
             # PIL warns about e.g. corrupt EXIF blocks; any real problem is raised below instead
             warnings.simplefilter("ignore", UserWarning)
+            im = Image.open(path)
+        with im:
             w, h = im.size
             fmt = im.format
             swap = _orientation(im) >= 5

@@ -32,7 +32,7 @@ from PIL import Image
 
 from gissl.errors import UserError
 
-VERSION = 1  # bump when the rendering changes so cached copies are regenerated
+VERSION = 2  # bump when the rendering changes so cached copies are regenerated
 DATASETS = ("Kvasir", "CVC", "Hyperkvasir_anatomical", "Hyperkvasir_pathological", "Hyperkvasir_unlabelled", "C3VD")
 # --num meaning per dataset: images (Kvasir, CVC, unlabelled), images per class (HyperKvasir),
 # frames per video (C3VD).
@@ -247,8 +247,8 @@ def _pylorus(rng, img, scene):
 
 # class id -> (tint, motif, parameter); the same id order as gissl.data.HYPERKVASIR_CLASSES
 _CLASS_STYLES = {
-    "anatomical": [((1.0, 1.05, 1.05), "fold", 0), ((1.0, 1.15, 1.15), "villi", 0), ((0.95, 0.95, 1.0), "shaft", 0),
-                   ((1.05, 1.05, 0.85), "pylorus", 0), ((1.0, 0.9, 0.8), "shaft_rugae", 0),
+    "anatomical": [((1.0, 1.12, 0.85), "fold", 0), ((1.0, 1.25, 1.25), "villi", 0), ((1.0, 0.85, 1.0), "shaft", 0),
+                   ((1.1, 1.05, 0.7), "pylorus", 0), ((1.0, 0.8, 0.72), "shaft_rugae", 0),
                    ((1.0, 1.0, 1.0), "zline", 0)],
     "pathological": [((1.0, 1.0, 1.1), "hemorrhoids", 0), ((1.0, 1.0, 1.0), "polyp", 0)]
     + [((1.0, 0.95 - 0.04 * g, 0.95 - 0.04 * g), "ulcer", g) for g in (0.5, 1.5, 1.0, 2.5, 2.0, 3.0)]

@@ -1,0 +1,199 @@
+"""Self-supervised pretraining of an encoder on unlabelled endoscopy images.
+
+Methods (``--ss-framework``): MoCo v3 (ResNet or ViT), Barlow Twins (ResNet), MAE (ViT),
+SimSiam and FPSiam (ResNet), each with its paper's augmentations, optimiser, warm-up + cosine
+learning rate and ``--blr`` (learning rate per 256 images) scaled by the effective batch.
+Runs on the shared engine: CPU, one GPU or torchrun (DDP), bf16/fp16 autocast, gradient
+accumulation, and re-running the same command resumes.
+
+Writes ``<output-dir>/<arch>-<framework>-<dataset>/``: ``checkpoint.pth`` (full training
+state, also the resume point as ``checkpoint.last.pth``), ``encoder.pth`` (the encoder only,
+torchvision / timm names), ``checkpoint.txt`` / ``.jsonl`` logs. Either file loads in every
+task script with ``--pretraining Hyperkvasir --ss-framework X --checkpoint FILE``.
+
+    python pretrain.py --ss-framework mocov3 --architecture resnet18 --image-size 64 --epochs 5 \
+        --batch-size 32
+    torchrun --nproc_per_node 6 pretrain.py --ss-framework mae --architecture vit_b \
+        --data-root hyper-kvasir/unlabeled-images --batch-size 768 --epochs 800
+"""
+import argparse
+import os
+
+import torch
+
+from gissl import cli, dist
+from gissl.checkpoint import save_atomic
+from gissl.data import build_unlabelled_dataset
+from gissl.engine import build_optimizer, fit, make_loader
+from gissl.errors import UserError
+from gissl.models import build_encoder
+from gissl.ssl import VIEWS, build_ssl_model, cosine_momentum, export_encoder, recipe, warmup_cosine
+
+DATASETS = ("Hyperkvasir_unlabelled", "folder")
+
+
+def get_args():
+    p = cli.task_parser("pretraining", "Self-supervised pretraining of an encoder on unlabelled images",
+                        stage="train", datasets=DATASETS, default_epochs=100, default_batch_size=256,
+                        default_lr=None)
+    p.set_defaults(weight_decay=None)  # the framework's recipe value unless given
+    g = p.add_argument_group("pretraining (defaults: each paper's recipe, see README)")
+    g.add_argument("--blr", type=float, default=None,
+                   help="base learning rate per 256 images; lr = blr * batch * accum / 256 (MoCo v3: "
+                        "0.3 ResNet / 1.5e-4 ViT; Barlow Twins 0.2; MAE 1.5e-4; SimSiam/FPSiam 0.05). "
+                        "--learning-rate, when given, sets the absolute lr instead")
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=None,
+                   help="linear warm-up length; default: the paper's warm-up fraction of its schedule "
+                        "applied to --epochs")
+    g.add_argument("--min-lr", dest="min_lr", type=float, default=0.0, help="lr at the end of the cosine")
+    g.add_argument("--optimizer", default=None, choices=["lars", "adamw", "sgd"],
+                   help="default: LARS for MoCo v3 ResNet and Barlow Twins, AdamW for ViTs, SGD for SimSiam")
+    g.add_argument("--decode-size", dest="decode_size", type=int, default=None,
+                   help="decode JPEGs at reduced scale with this short side (default 2 x --image-size)")
+    g.add_argument("--dim", type=int, default=None,
+                   help="projector output width (MoCo v3 256, SimSiam/FPSiam 2048)")
+    g.add_argument("--mlp-dim", dest="mlp_dim", type=int, default=None,
+                   help="hidden width of the heads (MoCo v3 4096, Barlow Twins 8192, SimSiam predictor 512)")
+    g.add_argument("--temperature", type=float, default=None, help="MoCo v3 (default 1.0 ResNet / 0.2 ViT)")
+    g.add_argument("--moco-momentum", dest="moco_momentum", type=float, default=0.99,
+                   help="MoCo v3 momentum at step 0; it rises to 1 on a cosine")
+    g.add_argument("--stop-grad-patch-embed", dest="stop_grad_patch_embed",
+                   action=argparse.BooleanOptionalAction, default=True,
+                   help="MoCo v3 ViT: keep the random patch projection fixed (the paper's stability fix)")
+    g.add_argument("--lambd", type=float, default=0.0051, help="Barlow Twins off-diagonal weight")
+    g.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=0.75, help="MAE")
+    g.add_argument("--norm-pix-loss", dest="norm_pix_loss", action="store_true",
+                   help="MAE: predict per-patch normalised pixels (better features in the paper)")
+    g.add_argument("--decoder-dim", dest="decoder_dim", type=int, default=512, help="MAE")
+    g.add_argument("--decoder-depth", dest="decoder_depth", type=int, default=8, help="MAE")
+    g.add_argument("--decoder-heads", dest="decoder_heads", type=int, default=16, help="MAE")
+    g.add_argument("--fpsiam-lambda", dest="fpsiam_lambda", type=float, default=0.5,
+                   help="FPSiam weight of the local (P2) loss; the global (P5) loss gets 1 - lambda")
+    return check(cli.check_args(p.parse_args()))
+
+
+def check(args):
+    if args.ss_framework is None:
+        raise UserError("choose the pretraining method with --ss-framework "
+                        "(mocov3, barlowtwins, mae, simsiam, fpsiam)")
+    if args.dataset == "folder" and not args.data_root:
+        raise UserError("--dataset folder needs --data-root DIR (any folder of images)")
+    return args
+
+
+def head_kwargs(args):
+    """Keyword arguments of the method's class from the flags that were given."""
+    fw = args.ss_framework
+    if fw == "mocov3":
+        kw = dict(temperature=args.temperature, stop_grad_patch_embed=args.stop_grad_patch_embed)
+        kw.update({k: v for k, v in (("dim", args.dim), ("mlp_dim", args.mlp_dim)) if v})
+    elif fw == "barlowtwins":
+        kw = dict(lambd=args.lambd)
+        if args.mlp_dim:
+            kw["proj_dims"] = (args.mlp_dim,) * 3
+    elif fw == "mae":
+        kw = dict(mask_ratio=args.mask_ratio, norm_pix_loss=args.norm_pix_loss, decoder_dim=args.decoder_dim,
+                  decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads)
+    else:
+        kw = {k: v for k, v in (("dim", args.dim), ("pred_dim", args.mlp_dim)) if v}
+        if fw == "fpsiam":
+            kw["lam"] = args.fpsiam_lambda
+    return kw
+
+
+def build_model(args, device):
+    """The SSL model around a random encoder, or one initialised from ``--pretraining`` weights
+    (e.g. ImageNet_class, FPSiam's recipe; or continued pretraining from an SSL checkpoint)."""
+    # --ss-framework names the method to train; it describes --checkpoint only for SSL weights
+    ss = args.ss_framework if args.pretraining in ("Hyperkvasir", "ImageNet_self") else None
+    encoder = build_encoder(args.arch, args.pretraining, ss, args.checkpoint, img_size=args.image_size)
+    model = build_ssl_model(args.ss_framework, encoder, **head_kwargs(args))
+    if dist.get_world_size() > 1 and device.type == "cuda":
+        # the heads' BatchNorm sees the global batch, as every method's paper (SyncBN)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device)
+
+
+def build_optimizer_for(model, args, r, lr):
+    """The recipe's optimiser; SimSiam/FPSiam predictors in their own group (fixed lr)."""
+    kind = args.optimizer or r["optimizer"]
+    wd = args.weight_decay if args.weight_decay is not None else r["weight_decay"]
+    kw = {"betas": r["betas"]} if kind == "adamw" and "betas" in r else {}
+    if r.get("fixed_predictor_lr") and hasattr(model, "predictor"):
+        pred_ids = {id(p) for p in model.predictor.parameters()}
+        rest = [p for p in model.parameters() if id(p) not in pred_ids]
+        optimizer = build_optimizer(rest, lr, weight_decay=wd, kind=kind, **kw)
+        optimizer.add_param_group({"params": list(model.predictor.parameters()), "weight_decay": wd,
+                                   "fixed_lr": True})
+    else:
+        optimizer = build_optimizer(model, lr, weight_decay=wd, kind=kind, **kw)
+    if "no_decay_lr_scale" in r:  # Barlow Twins: biases and BN at 0.0048 / 0.2 of the weights' lr
+        for group in optimizer.param_groups:
+            if group["weight_decay"] == 0:
+                group["lr_scale"] = r["no_decay_lr_scale"]
+    return optimizer
+
+
+def make_lr_schedule(optimizer, lr, args, r):
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else \
+        r["warmup"] * args.epochs / r["paper_epochs"]
+    schedule = warmup_cosine(lr, args.epochs, warmup, args.min_lr)
+
+    def lr_at(progress):
+        value = schedule(progress)
+        for group in optimizer.param_groups:
+            if group.get("fixed_lr"):
+                # the engine sets lr = value * lr_scale: this keeps the predictor at the peak lr
+                group["lr_scale"] = lr / max(value, 1e-12)
+        return value
+    return lr_at, warmup
+
+
+def main(args):
+    device = dist.init_distributed(args.device)
+    r = recipe(args.ss_framework, args.arch)
+    root = cli.data_root(args)
+    views = VIEWS[args.ss_framework](args.image_size)
+    dataset = build_unlabelled_dataset(root, transform=views, decode_size=args.decode_size or 2 * args.image_size,
+                                       skip_bad=args.skip_bad_files)
+    per_rank = min(args.batch_size, len(dataset)) // dist.get_world_size()
+    if args.ss_framework != "mae" and per_rank < 2:
+        raise UserError(f"{args.ss_framework} needs at least 2 images per process per step (its BatchNorm "
+                        f"heads and batch statistics); raise --batch-size (now {args.batch_size})")
+    loader = make_loader(dataset, batch_size=args.batch_size, train=True, workers=args.workers,
+                         seed=args.seed, device=device)
+    model = build_model(args, device)
+    eff_batch = args.batch_size * args.accum_iter
+    lr = args.learning_rate if args.learning_rate is not None else \
+        (args.blr if args.blr is not None else r["blr"]) * eff_batch / 256
+    optimizer = build_optimizer_for(model, args, r, lr)
+    lr_schedule, warmup = make_lr_schedule(optimizer, lr, args, r)
+
+    after_step = None
+    if args.ss_framework == "mocov3":
+        total_steps = args.epochs * -(-len(loader) // args.accum_iter)
+
+        def after_step(bare, step):
+            bare.update_momentum(cosine_momentum(args.moco_momentum, step, total_steps))
+
+    run_dir = os.path.join(args.output_dir or "pretrained", f"{args.arch}-{args.ss_framework}-{args.dataset}")
+    if dist.is_main_process():
+        n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        print(f"{args.ss_framework} on {args.arch}: {len(dataset)} images, {len(loader)} steps/epoch, "
+              f"effective batch {eff_batch}, lr {lr:.3g} ({args.optimizer or r['optimizer']}, "
+              f"{warmup:.3g} warm-up epochs, cosine), {n_train / 1e6:.2f}M trained parameters; "
+              f"writing {run_dir}", flush=True)
+    result = fit(model, train_loader=loader, compute_losses=lambda m, views: m(*views), optimizer=optimizer,
+                 device=device, run_dir=run_dir, run_name="checkpoint", args=args, epochs=args.epochs,
+                 accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp,
+                 lr_schedule=lr_schedule, after_step=after_step)
+    if dist.is_main_process():
+        encoder_path = os.path.join(run_dir, "encoder.pth")
+        save_atomic(export_encoder(model.state_dict()), encoder_path)
+        print(f"done ({result['epochs_run']} epochs this run). Encoder: {encoder_path}; full state: "
+              f"{result['best_path']}. Use it with --pretraining Hyperkvasir --ss-framework "
+              f"{args.ss_framework} --checkpoint {encoder_path}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args)

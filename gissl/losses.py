@@ -59,8 +59,9 @@ def align_median(pred, target, mask):
         if not m.any():
             scales.append(p.new_zeros(()))
             continue
-        mp = p[m].median()
-        scales.append(d[m].median() / mp if mp > 0 else p.new_zeros(()))
+        # quantile(0.5) averages the two middle values like NumPy (torch.median takes the lower)
+        mp = torch.quantile(p[m], 0.5)
+        scales.append(torch.quantile(d[m], 0.5) / mp if mp > 0 else p.new_zeros(()))
     return torch.stack(scales)
 
 

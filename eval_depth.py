@@ -1,0 +1,38 @@
+"""Evaluate a finetuned depth model on the C3VD test videos (SSL4GIE's ``eval_depth.py``).
+
+Per frame at original resolution, in millimetres: RMSE, median relative error ("Relative
+Error"), mean absolute error, plus mean abs-rel and δ<1.25, after ``--alignment`` (least-squares
+scale and shift as the reference, median scaling, or none); the best constant prediction's
+RMSE is printed as a baseline. Lines go to ``eval_results.txt`` in the reference's format.
+``--print-list`` prints per-frame RMSE; ``--save-predictions DIR`` writes
+``<sequence>/<video>/<N>_depth.npy`` (float32 mm, original size) per frame.
+
+    python eval_depth.py --architecture resnet18 --image-size 128 --alignment median
+"""
+from gissl import cli, dist
+from gissl import depth
+from gissl.segmentation import print_list
+
+
+def get_args():
+    p = cli.task_parser("depth", "Evaluate fine-tuned depth estimation model", stage="eval",
+                        datasets=depth.DATASETS)
+    return cli.check_args(depth.add_arguments(p).parse_args())
+
+
+def main(args):
+    device = dist.resolve_device(args.device)
+    test = depth.datasets(args, original=True)["test"]
+    model = depth.load_model(args, device)
+    out = depth.evaluate(model, depth.loader(test, args, device), device, args.alignment,
+                         amp=not args.no_amp, keep_depth=bool(args.save_predictions))
+    if args.print_list:
+        print_list(args, out["rmse"].tolist())
+    cli.append_eval_results("Depth estimation results", cli.run_name(args), depth.summarize(out, args.alignment))
+    if args.save_predictions:
+        folder = depth.save_depths(args.save_predictions, cli.data_root(args), out["paths"], out["depth"])
+        print(f"predicted depth (mm, .npy): {folder}")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args)

@@ -1,0 +1,248 @@
+"""Colonoscopy depth: the task logic behind ``train_/eval_/predict_depth.py``.
+
+Model: encoder + DPT decoder with a sigmoid depth head (ssl4gie.md §3.5), output in the
+reference's unit where 1.0 = 100 mm (C3VD stores 0-100 mm as 0-65535; the reference divided
+by 65535). Loss: MiDaS scale-and-shift-invariant loss with multi-scale gradient matching,
+α = 0.1 (§4.3), on targets in that unit, so α weighs the two terms as in the reference.
+
+Evaluation (§5.4), per frame: align the prediction to the ground truth on the network's
+square grid (least-squares scale and shift by default; ``median`` scaling or ``none`` = the raw
+output read as metric depth), map it back to the original frame (undo the square padding),
+clamp to the valid range [0, 100] mm, and measure over valid pixels (ground truth > 0) in
+**millimetres** (the reference reported units of 10 mm): RMSE, mean absolute error, median
+relative error, mean abs-rel and δ<1.25. The best constant prediction (each frame's mean
+valid depth) is scored alongside as a baseline. Validation during training selects on the
+same aligned RMSE over the validation videos.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from gissl import cli
+from gissl.data.transforms import from_square
+from gissl.errors import UserError
+from gissl.losses import align_median, align_scale_shift, scale_shift_invariant
+from gissl.metrics import depth_errors
+from gissl import segmentation
+from gissl.segmentation import (add_decoder_argument, build_dpt_model, caption, hstack, loader, picture_label,
+                                predict_logits, selected_positions, text_font)
+
+DATASETS = ("C3VD",)
+DEPTH_UNIT_MM = 100.0   # model / loss unit: 1.0 = 100 mm (C3VD's full 16-bit range, ssl4gie.md §2.5)
+MAX_DEPTH_MM = 100.0    # predictions are clamped to C3VD's range, as the reference's clamp to [0, 1]
+ALIGNMENTS = ("scale-shift", "median", "none")
+# Error maps saturate here instead of wrapping around (ssl4gie.md §8 item 16); the reference's
+# picture scale was |error| × 3.5 in its unit, i.e. full scale at 100 / 3.5 ≈ 28.6 mm.
+ERROR_MAX_MM = DEPTH_UNIT_MM / 3.5
+
+# Colour map anchors (matplotlib's "magma" sampled at 0, 1/8, ..., 1), interpolated linearly.
+_MAGMA = np.array([(0, 0, 4), (28, 16, 68), (79, 18, 123), (129, 37, 129), (181, 54, 122),
+                   (229, 80, 100), (251, 135, 97), (254, 194, 135), (252, 253, 191)], np.float32)
+
+
+def add_arguments(parser):
+    """Depth-only flags."""
+    stage = parser.get_default("stage")
+    add_decoder_argument(parser)
+    if stage in ("eval", "predict"):
+        parser.add_argument("--alignment", default="scale-shift", choices=ALIGNMENTS,
+                            help="how a prediction is fitted to the ground truth before measuring: "
+                                 "least-squares scale and shift (SSL4GIE), median scaling (most "
+                                 "monocular-depth papers), or none (raw output as metric depth)")
+    if stage == "train":
+        parser.add_argument("--gradient-weight", dest="gradient_weight", type=float, default=0.1,
+                            help="weight α of the multi-scale gradient-matching term (SSL4GIE / MiDaS: 0.1)")
+    return parser
+
+
+def build_depth_model(args):
+    """Encoder + DPT with the sigmoid depth head."""
+    return build_dpt_model(args, "depth")
+
+
+def compute_losses(model, batch, alpha=0.1):
+    """``{"ssi": loss}`` for ``{"image": (N,3,S,S), "depth": (N,1,S,S) mm, 0 = invalid}``."""
+    pred = model(batch["image"])
+    return {"ssi": scale_shift_invariant(pred, batch["depth"] / DEPTH_UNIT_MM, alpha=alpha)}
+
+
+def align(pred, target_mm, alignment="scale-shift"):
+    """Model output (N, 1, S, S) in [0, 1] -> depth in mm fitted to ``target_mm`` (N, 1, S, S).
+
+    ``scale-shift``: least squares over valid pixels (SSL4GIE §5.4); ``median``: scale by the
+    ratio of medians; ``none``: the output read in the model unit (1 = 100 mm).
+    """
+    valid = target_mm > 0
+    if alignment == "scale-shift":
+        s, t = align_scale_shift(pred, target_mm, valid)
+        return s.view(-1, 1, 1, 1) * pred.float() + t.view(-1, 1, 1, 1)
+    if alignment == "median":
+        return align_median(pred, target_mm, valid).view(-1, 1, 1, 1) * pred.float()
+    if alignment == "none":
+        return pred.float() * DEPTH_UNIT_MM
+    raise UserError(f"unknown --alignment '{alignment}'; choose from {', '.join(ALIGNMENTS)}")
+
+
+def to_original(pred_mm, depth_orig):
+    """Aligned (1, S, S) depth -> (1, h, w) on the original frame, clamped to [0, 100] mm,
+    0 where the ground truth is invalid (as the reference)."""
+    h, w = depth_orig.shape[-2:]
+    out = from_square(pred_mm, h, w).clamp(0, MAX_DEPTH_MM)
+    return torch.where(depth_orig > 0, out, torch.zeros_like(out))
+
+
+def evaluate(model, loader, device, alignment="scale-shift", amp=True, keep_depth=False):
+    """Per-frame errors (mm) at original resolution over ``loader`` (``original=True`` samples).
+
+    Returns ``depth_errors``'s (N,) tensors, ``"constant_rmse"`` (N,) for the best constant
+    prediction, ``"paths"``, and ``"depth"`` (list of (h, w) mm arrays) when ``keep_depth``.
+    """
+    model.eval()
+    errors, const, paths, depths = [], [], [], []
+    for batch in loader:
+        pred = predict_logits(model, batch["image"], device, amp).cpu()
+        aligned = align(pred, batch["depth"], alignment)
+        for p, gt, path in zip(aligned, batch["depth_orig"], batch["path"]):
+            p = to_original(p, gt)
+            errors.append(depth_errors(p[None], gt[None]))
+            valid = gt > 0
+            mean = gt[valid].double().mean() if valid.any() else torch.tensor(0.0, dtype=torch.float64)
+            const.append(depth_errors(torch.full_like(gt, float(mean))[None], gt[None])["rmse"])
+            paths.append(path)
+            if keep_depth:
+                depths.append(p[0].numpy())
+    out = {k: torch.cat([e[k] for e in errors]) for k in errors[0]}
+    out["constant_rmse"] = torch.cat(const)
+    out["paths"] = paths
+    if keep_depth:
+        out["depth"] = depths
+    return out
+
+
+def summarize(out, alignment):
+    """Frame means in the reference's keys (RMSE, Relative Error, Absolute Error) plus δ, abs-rel,
+    the constant baseline and the unit."""
+    def mean(t):
+        return float(np.nanmean(t.numpy()))
+    return {"RMSE": mean(out["rmse"]), "Relative Error": mean(out["rel_median"]),
+            "Absolute Error": mean(out["abs"]), "Abs-rel": mean(out["abs_rel"]),
+            "Delta<1.25": mean(out["delta1"]), "Constant-depth RMSE": mean(out["constant_rmse"]),
+            "Alignment": alignment, "Frames": len(out["paths"]),
+            "Units": "mm (RMSE, Absolute Error, Constant-depth RMSE); the others are ratios"}
+
+
+def make_validate(loader, device, amp=True):
+    """``validate(model) -> mean aligned RMSE (mm)`` on the validation videos (lower is better)."""
+    def validate(model):
+        return float(np.nanmean(evaluate(model, loader, device, "scale-shift", amp)["rmse"].numpy()))
+    return validate
+
+
+def datasets(args, original=False):
+    """dict(train=, val=, test=) of C3VD (built-in synthetic data without ``--data-root``)."""
+    from gissl.data import build_depth_datasets
+    return build_depth_datasets(cli.data_root(args), image_size=args.image_size, original=original,
+                                skip_bad=args.skip_bad_files)
+
+
+def load_model(args, device):
+    """The finetuned model of this run (``Trained models/depth/<name>.pth``), eval mode."""
+    return segmentation.load_model(args, device, build_depth_model)
+
+
+def frame_name(path, root):
+    """``<sequence>/<video>/<N>`` of a C3VD colour frame, relative to the data root."""
+    rel = Path(os.path.relpath(path, root))
+    return rel.parent / rel.name.replace("_color.png", "")
+
+
+def save_depths(folder, root, paths, depths):
+    """One ``<sequence>/<video>/<N>_depth.npy`` (float32 mm, original size) per frame."""
+    folder = Path(folder)
+    for path, depth in zip(paths, depths):
+        target = folder / f"{frame_name(path, root)}_depth.npy"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, depth.astype(np.float32))
+    return folder
+
+
+# --------------------------------------------------------------------------- pictures
+
+def colourize(values, vmax, invalid=None):
+    """(h, w) array -> (h, w, 3) uint8 magma colours; 0 → dark, ``vmax`` and beyond → bright
+    (saturating). ``invalid`` pixels are black."""
+    x = np.clip(np.asarray(values, np.float32) / vmax, 0, 1) * (len(_MAGMA) - 1)
+    lo = np.floor(x).astype(int).clip(0, len(_MAGMA) - 2)
+    frac = (x - lo)[..., None]
+    rgb = _MAGMA[lo] * (1 - frac) + _MAGMA[lo + 1] * frac
+    if invalid is not None:
+        rgb[invalid] = 0
+    return rgb.round().astype(np.uint8)
+
+
+def scale_bar(width, vmax, label, reverse=False):
+    """A horizontal colour bar with its end values, as a PIL image ``width`` px wide."""
+    ramp = np.linspace(vmax if reverse else 0, 0 if reverse else vmax, width)[None].repeat(10, 0)
+    bar = Image.fromarray(colourize(ramp, vmax))
+    font = text_font(12)
+    out = Image.new("RGB", (width, 30), (255, 255, 255))
+    out.paste(bar, (0, 0))
+    draw = ImageDraw.Draw(out)
+    left, right = (f"{vmax:.0f}", "0") if reverse else ("0", f"{vmax:.0f}")
+    draw.text((1, 12), left, fill=(0, 0, 0), font=font)
+    draw.text((width // 2, 12), label, fill=(0, 0, 0), font=font, anchor="ma")
+    draw.text((width - 1, 12), right, fill=(0, 0, 0), font=font, anchor="ra")
+    return out
+
+
+def _with_bar(image, bar):
+    out = Image.new("RGB", (image.width, image.height + bar.height + 2), (255, 255, 255))
+    out.paste(image, (0, 0))
+    out.paste(bar, (0, image.height + 2))
+    return out
+
+
+def depth_panel(image, gt_mm, pred_mm, rmse):
+    """Input | ground truth | prediction (one colour map, near = bright) | |error| (saturating).
+
+    image: PIL RGB at original size; gt_mm, pred_mm: (h, w) arrays in mm (0 = invalid).
+    """
+    invalid = gt_mm <= 0
+    vmax = float(max(gt_mm.max(), 1.0))
+    # near = bright, as the reference's picture (colour of vmax - depth)
+    gt = Image.fromarray(colourize(vmax - gt_mm, vmax, invalid))
+    pred = Image.fromarray(colourize(vmax - np.clip(pred_mm, 0, vmax), vmax, invalid))
+    err = Image.fromarray(colourize(np.abs(pred_mm - gt_mm), ERROR_MAX_MM, invalid))
+    w = image.width
+    depth_bar = scale_bar(w, vmax, "depth (mm)", reverse=True)
+    error_bar = scale_bar(w, ERROR_MAX_MM, "|error| (mm), saturates")
+    blank = Image.new("RGB", (w, depth_bar.height), (255, 255, 255))
+    return hstack([_with_bar(caption(image.copy(), "input"), blank),
+                   _with_bar(caption(gt, "ground truth"), depth_bar),
+                   _with_bar(caption(pred, f"prediction  RMSE {rmse:.2f} mm"), depth_bar),
+                   _with_bar(caption(err, "absolute error"), error_bar)])
+
+
+def render_predictions(args, model, dataset, device, alignment="scale-shift", amp=True):
+    """Write one panel per selected test frame to ``Predictions/depth-C3VD/test{i}_{label}.png``.
+
+    Returns the list of (frame path, picture path)."""
+    from gissl.data.images import open_rgb
+    out_dir = cli.predictions_dir(args)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = picture_label(args)
+    written = []
+    for i in selected_positions(args, len(dataset)):
+        sample = dataset[i]
+        pred = predict_logits(model, sample["image"][None], device, amp).cpu()
+        gt = sample["depth_orig"]
+        p = to_original(align(pred, sample["depth"][None], alignment)[0], gt)
+        rmse = depth_errors(p[None], gt[None])["rmse"].item()
+        picture = depth_panel(open_rgb(sample["path"]), gt[0].numpy(), p[0].numpy(), rmse)
+        path = out_dir / f"test{i}_{label}.png"
+        picture.save(path)
+        written.append((sample["path"], os.fspath(path)))
+    return written

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gissl.errors import CheckpointError, DataError, UserError
+from gissl.errors import CheckpointError, UserError
+from gissl.losses import masked_patch_mse
 
 INDEX_KINDS = ("flat", "ivfflat", "ivfpq", "hnsw")
 
@@ -64,6 +65,155 @@ def polyp_aware_masking(coverage, num_keep, generator=None):
     masked = torch.ones(n, num_patches, dtype=torch.bool, device=coverage.device)
     masked.scatter_(1, ids_keep, False)
     return ids_keep, masked
+
+
+# ---------------------------------------------------------------------------------------------
+# Descriptor model (EndoFinder ViT / SSCD ResNet)
+# ---------------------------------------------------------------------------------------------
+
+def gem(x, p=3.0, eps=1e-6):
+    """Generalised-mean pooling (Radenovic et al. 2018; SSCD p = 3): (N, C, H, W) -> (N, C)."""
+    return x.float().clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+class RetrievalModel(nn.Module):
+    """Encoder + Linear(embed_dim -> dim) + L2 norm, trained with SSCD's loss (+ masked
+    reconstruction for ViT).
+
+    ``forward(images (N, 3, H, W), masks (N, 1, H, W) or None)`` (training) returns
+    ``{"z": (N, dim) unit-norm projections, "mse": masked-patch reconstruction loss}`` (ViT
+    with ``mask_ratio > 0``; absent otherwise). The ViT sees CLS + the visible patches chosen
+    by ``polyp_aware_masking`` and the contrastive CLS comes from this masked pass, as
+    EndoFinder (§1.2, item 6). ``descriptor(images)`` (inference) is the L2-normalised CLS /
+    GeM embedding of the full image (``use_head=True``: after the projection, as SSCD).
+    Parameter names: ``encoder.*`` (the trunk, loadable by every task), ``head.*``,
+    ``decoder_*`` (ViT only; MAE's names).
+    """
+
+    def __init__(self, encoder, *, dim=512, gem_p=3.0, mask_ratio=0.5, decoder_dim=128,
+                 decoder_depth=2, decoder_heads=4):
+        super().__init__()
+        self.encoder = encoder
+        self.is_vit = hasattr(encoder, "patch_embed")
+        self.gem_p = gem_p
+        self.mask_ratio = mask_ratio if self.is_vit else 0.0
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise UserError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
+        self.head = nn.Linear(encoder.embed_dim, dim)
+        if self.is_vit and self.mask_ratio > 0:
+            from gissl.models.vit import Block
+            self.patch_size = encoder.patch_size
+            self.decoder_dim = decoder_dim
+            self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+            self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+            self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+            self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    def embed(self, images):
+        """Full-image embedding before the projection: (N, 3, H, W) -> (N, embed_dim)."""
+        if self.is_vit:
+            return self.encoder(images)
+        return gem(self.encoder.forward_features(images)[-1], self.gem_p)
+
+    def descriptor(self, images, use_head=False):
+        """Inference descriptor: (N, 3, H, W) -> (N, D) L2-normalised float32."""
+        x = self.embed(images)
+        if use_head:
+            x = self.head(x)
+        return F.normalize(x.float(), dim=1)
+
+    def _masked_vit(self, images, masks):
+        enc = self.encoder
+        p = self.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        num_patches = grid[0] * grid[1]
+        num_keep = max(1, int(num_patches * (1 - self.mask_ratio)))
+        coverage = (patch_coverage(masks, p) if masks is not None
+                    else images.new_zeros(images.shape[0], num_patches))
+        ids_keep, masked = polyp_aware_masking(coverage, num_keep)
+        pos = enc.pos_embed_for(*grid)
+        x = enc.patch_embed(images) + pos[:, 1:]
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([(enc.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in enc.blocks:
+            x = blk(x, grid)
+        latent = enc.norm(x)
+        # decoder (MAE, He et al. 2022 §3, smaller): visible tokens back in place, mask tokens
+        # elsewhere, fixed sin-cos positions
+        from gissl.ssl.mae import patchify, sincos_pos_embed
+        y = self.decoder_embed(latent)
+        n, d = y.shape[0], y.shape[-1]
+        tokens = self.mask_token.to(y.dtype).expand(n, num_patches, d).clone()
+        tokens.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), y[:, 1:])
+        y = torch.cat([y[:, :1], tokens], dim=1) + sincos_pos_embed(*grid, d).to(y.device, y.dtype)
+        for blk in self.decoder_blocks:
+            y = blk(y, grid)
+        pred = self.decoder_pred(self.decoder_norm(y))[:, 1:]
+        mse = masked_patch_mse(pred, patchify(images, p), masked)
+        return latent[:, 0], mse
+
+    def forward(self, images, masks=None):
+        out = {}
+        if self.is_vit and self.mask_ratio > 0:
+            feat, out["mse"] = self._masked_vit(images, masks)
+        else:
+            feat = self.embed(images)
+        out["z"] = F.normalize(self.head(feat).float(), dim=1)
+        return out
+
+
+class DescriptorModel(nn.Module):
+    """Standalone inference module for TorchScript export: (N, 3, H, W) ImageNet-normalised
+    images -> (N, D) L2-normalised descriptors (encoder [+ GeM] [+ projection])."""
+
+    def __init__(self, model, use_head=False):
+        super().__init__()
+        self.encoder = model.encoder
+        self.head = model.head if use_head else nn.Identity()
+        self.is_vit, self.gem_p = model.is_vit, float(model.gem_p)
+
+    def forward(self, images):
+        if self.is_vit:
+            x = self.encoder(images)
+        else:
+            x = gem(self.encoder.forward_features(images)[-1], self.gem_p)
+        return F.normalize(self.head(x).float(), dim=1)
+
+
+def mixup_cutmix(images, instance_ids, num_instances, prob=0.05, alpha=2.0, switch_prob=0.5,
+                 generator=None):
+    """Per-element Mixup / CutMix at a small rate (SSCD / EndoFinder §1.7: probability 0.05,
+    alpha 2 for both, CutMix chosen half the time, lambda corrected to the pasted area).
+
+    images: (N, 3, H, W) views; instance_ids: (N,) int64. Element i mixed with element
+    N-1-i. Returns ``(images, soft_labels (N, num_instances))``: a mixed view matches both
+    instances (SSCD counts any overlap as a positive). Masks are not mixed (as the reference).
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    soft = F.one_hot(instance_ids, num_instances).float()
+    apply = torch.rand(n, generator=generator) < prob
+    if not apply.any():
+        return images, soft
+    images = images.clone()
+    flipped, soft_flip = images.flip(0), soft.flip(0)
+    beta = torch.distributions.Beta(alpha, alpha)
+    new_soft = soft.clone()
+    for i in torch.nonzero(apply).flatten().tolist():
+        lam = float(beta.sample())
+        if torch.rand(1, generator=generator).item() < switch_prob:  # CutMix box of area 1 - lam
+            ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+            cy, cx = int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator))
+            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+            images[i, :, y0:y1, x0:x1] = flipped[i, :, y0:y1, x0:x1]
+            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        else:
+            images[i] = lam * images[i] + (1 - lam) * flipped[i]
+        new_soft[i] = lam * soft[i] + (1 - lam) * soft_flip[i]
+    return images, new_soft.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,3 +566,158 @@ def vote_sentence(neighbour_labels, pred, class_names=None):
         return f"none of the {k} nearest cases has a known label"
     name = class_names[pred] if class_names else f"class {pred}"
     return f"{int((neighbour_labels == pred).sum())} of {k} nearest cases were {name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by train / eval / predict scripts
+# ---------------------------------------------------------------------------------------------
+
+def add_model_arguments(p):
+    """Flags that define the descriptor model (the same in train, eval and predict, so the
+    evaluation rebuilds exactly the trained module)."""
+    g = p.add_argument_group("retrieval model")
+    g.add_argument("--embedding-dim", dest="embedding_dim", type=int, default=512,
+                   help="projection size used by the training loss (SSCD / EndoFinder: 512)")
+    g.add_argument("--gem-p", dest="gem_p", type=float, default=3.0,
+                   help="GeM pooling exponent for ResNets (SSCD: 3; 1 = average pooling)")
+    g.add_argument("--mask-ratio", dest="mask_ratio", type=float, default=0.5,
+                   help="ViT: fraction of patches removed in the masked pass (EndoFinder 0.5); "
+                        "0 disables masking and reconstruction")
+    g.add_argument("--decoder-dim", dest="decoder_dim", type=int, default=128,
+                   help="ViT reconstruction decoder width (EndoFinder: 512 with 8 blocks for ViT-L)")
+    g.add_argument("--decoder-depth", dest="decoder_depth", type=int, default=2)
+    g.add_argument("--use-head", dest="use_head", action="store_true",
+                   help="inference descriptor after the 512-d projection (SSCD) instead of the "
+                        "backbone CLS / GeM embedding (EndoFinder, default)")
+    return p
+
+
+def build_model(args, encoder):
+    """``RetrievalModel`` from the flags of ``add_model_arguments``."""
+    return RetrievalModel(encoder, dim=args.embedding_dim, gem_p=args.gem_p, mask_ratio=args.mask_ratio,
+                          decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
+
+
+@torch.no_grad()
+def extract_descriptors(model, paths, *, image_size, batch_size, device, workers=0, use_head=False,
+                        amp=True):
+    """Descriptors of image files: (len(paths), D) float32 numpy, L2-normalised, in order."""
+    from gissl.engine import autocast, make_loader
+    from gissl.retrieval_data import ImageListDataset
+    was_training = model.training
+    model.eval()
+    loader = make_loader(ImageListDataset(paths, image_size), batch_size=batch_size, train=False,
+                         workers=workers, device=device)
+    out = []
+    with autocast(device, amp):
+        for batch in loader:
+            out.append(model.descriptor(batch["image"].to(device), use_head=use_head).float().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def search_pairs(index, queries, query_ids, k):
+    """Top-k search; returns (query ids, reference names, scores, ranks) of every prediction."""
+    scores, ids = index.search(queries, min(k, index.ntotal))
+    q_out, r_out, s_out, rank_out = [], [], [], []
+    for qi, (row_s, row_i) in enumerate(zip(scores, ids)):
+        for rank, (s, i) in enumerate(zip(row_s, row_i)):
+            if i < 0:
+                continue
+            q_out.append(query_ids[qi])
+            r_out.append(index.names[i])
+            s_out.append(float(s))
+            rank_out.append(rank)
+    return q_out, r_out, s_out, rank_out
+
+
+def copy_detection_eval(model, twin, *, image_size, batch_size, device, k=10, workers=0,
+                        use_head=False, postprocess=None, index_kind="flat", nprobe=16, amp=True):
+    """Copy-detection protocol (endofinder.md §3) on a ``retrieval_data.twin_set``.
+
+    Returns ``(metrics, predictions)``: uAP, accuracy@1, recall@P90, recall@10 and the pooled
+    (query, reference, score, rank) lists. ``postprocess``: a ``DescriptorTransform`` (fitted
+    here on the references when it needs fitting and no training gallery fitted it before).
+    """
+    from gissl.metrics import copy_detection_metrics
+    kw = dict(image_size=image_size, batch_size=batch_size, device=device, workers=workers,
+              use_head=use_head, amp=amp)
+    refs = extract_descriptors(model, twin["references"], **kw)
+    queries = extract_descriptors(model, twin["queries"], **kw)
+    if postprocess is not None:
+        if postprocess.needs_fit:
+            postprocess.fit(refs)
+        refs, queries = postprocess(refs), postprocess(queries)
+    index = DescriptorIndex(refs.shape[1], index_kind, nprobe=nprobe,
+                            device="cpu" if device.type == "cpu" else "auto")
+    index.add(refs, names=twin["reference_ids"])
+    q, r, s, rank = search_pairs(index, queries, twin["query_ids"], k)
+    return copy_detection_metrics(q, r, s, twin["matches"]), (q, r, s, rank)
+
+
+def add_inference_arguments(p):
+    """Flags of eval / predict: which trained model, how to post-process and search."""
+    g = p.add_argument_group("retrieval inference")
+    g.add_argument("--train-dataset", dest="train_dataset", default="Kvasir",
+                   help="dataset the model was trained on (names its checkpoint under --output-dir)")
+    g.add_argument("--weights", default=None,
+                   help="a train_retrieval.py checkpoint to use instead of the one named by the flags")
+    g.add_argument("--untrained", action="store_true",
+                   help="no retrieval training: descriptors of the encoder as built by --pretraining "
+                        "(and --checkpoint), e.g. the random-init or SSL baseline")
+    g.add_argument("--k", type=int, default=10, help="neighbours per query (EndoFinder / SSCD: 10)")
+    g.add_argument("--index", default="flat", choices=INDEX_KINDS,
+                   help="faiss index: flat = exact; ivfflat / ivfpq / hnsw for galleries of ~1e5+ images")
+    g.add_argument("--nprobe", type=int, default=16, help="IVF cells searched per query (recall vs speed)")
+    g.add_argument("--postprocess", default="none", choices=["none", "center", "pcaw"],
+                   help="descriptor centering or PCA-whitening (SSCD's PCA / PCAW codecs) fitted on "
+                        "--whiten-gallery (default: the reference / gallery images)")
+    g.add_argument("--pca-dim", dest="pca_dim", type=int, default=None, help="PCA-whitening output size")
+    g.add_argument("--whiten-gallery", dest="whiten_gallery", default=None,
+                   help="image folder to fit --postprocess on (SSCD: a separate training set)")
+    g.add_argument("--hash", action="store_true",
+                   help="sign-hash descriptors to +1/-1 bits (EndoFinder's 1024-bit codes)")
+    return p
+
+
+def load_model(args, device):
+    """The descriptor model for eval / predict, in eval mode on ``device``."""
+    import argparse
+    from gissl import cli
+    from gissl.checkpoint import load_file
+    from gissl.models import build_encoder
+    torch.manual_seed(args.seed)  # --untrained: the same random init as train_retrieval.py
+    if args.untrained:
+        encoder = build_encoder(args.arch, args.pretraining, args.ss_framework, args.checkpoint,
+                                img_size=args.image_size)
+        return build_model(args, encoder).to(device).eval()
+    model = build_model(args, build_encoder(args.arch, img_size=args.image_size))
+    if args.weights:
+        state = load_file(args.weights)
+        if not isinstance(state, dict) or "model" not in state:
+            raise CheckpointError(f"'{args.weights}' is not a train_retrieval.py checkpoint (no 'model' key)")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"'{args.weights}' does not fit this model: {str(e).splitlines()[0]} "
+                                  "(same --architecture / --embedding-dim / --mask-ratio / --decoder-* "
+                                  "as in training?)") from None
+    else:
+        named = argparse.Namespace(**vars(args))
+        named.dataset, named.task = args.train_dataset, "retrieval"
+        cli.load_trained(model, named)
+    return model.to(device).eval()
+
+
+def make_postprocess(args, model, device):
+    """``DescriptorTransform`` from the flags; fitted on ``--whiten-gallery`` when given."""
+    if args.postprocess == "none" and not args.hash:
+        return None
+    t = DescriptorTransform(args.postprocess, args.pca_dim, args.hash)
+    if args.postprocess != "none" and args.whiten_gallery:
+        from gissl.data import image_folder
+        paths = [s["image"] for s in image_folder(args.whiten_gallery)]
+        t.fit(extract_descriptors(model, paths, image_size=args.image_size, batch_size=args.batch_size,
+                                  device=device, workers=args.workers, use_head=args.use_head,
+                                  amp=not args.no_amp))
+    return t

@@ -27,8 +27,15 @@ from gissl.checkpoint import load_file, save_atomic
 from gissl.errors import UserError
 from gissl.metrics import classification_metrics
 
-# other-methods.md §b.1: wd = logspace(-6, 5, 45), C = 1/wd (quarter-decade steps).
-C_GRID = tuple(float(c) for c in 1.0 / np.logspace(-6, 5, 45))
+
+
+def c_grid(n=45):
+    """Inverse L2 strengths ``C = 1 / wd`` with ``wd = logspace(-6, 5, n)``; the reference's
+    n = 45 gives quarter-decade steps (other-methods.md §b.1)."""
+    return tuple(float(c) for c in 1.0 / np.logspace(-6, 5, n))
+
+
+C_GRID = c_grid()
 
 
 # --------------------------------------------------------------------------- features
@@ -158,22 +165,24 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, grid=C_GRID, refit
 
     train_x `(N, D)`, val_x `(M, D)`. The grid is the reference's 45 values (other-methods.md
     §b.1), swept from strong to weak regularisation with warm starts. ``C`` is chosen by val
-    macro-F1 (classes present in val; robust to HyperKvasir's imbalance); ties keep the stronger
-    regularisation. Returns ``(model, history)`` with ``history = [(C, val_macro_f1, val_acc)]``.
+    macro-F1 (classes present in val; robust to HyperKvasir's imbalance); when several values
+    tie (common on a small val split) the middle of the tied run is taken, away from both
+    extremes. Returns ``(model, history)`` with ``history = [(C, val_macro_f1, val_acc)]``.
     """
     train_x = torch.as_tensor(train_x, dtype=torch.float64)
     val_x = torch.as_tensor(val_x, dtype=torch.float64)
     train_y, val_y = torch.as_tensor(train_y).long(), torch.as_tensor(val_y).long()
     if len(train_y) == 0 or len(val_y) == 0:
         raise UserError("the linear probe needs a non-empty train and val split")
-    history, best, best_c, model = [], -1.0, None, None
+    history, model = [], None
     for C in sorted(grid):  # small C = strong regularisation first
         model = fit_logistic_regression(train_x, train_y, num_classes, C=C, init=model, max_iter=max_iter)
         pred = model.logits(val_x).argmax(1)
         m = classification_metrics(val_y, pred, num_classes=num_classes)
         history.append((C, m["macro_f1"], m["accuracy"]))
-        if m["macro_f1"] > best:
-            best, best_c = m["macro_f1"], C
+    best = max(h[1] for h in history)
+    tied = [h[0] for h in history if h[1] >= best - 1e-12]
+    best_c = tied[len(tied) // 2]
     if refit:
         model = fit_logistic_regression(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]),
                                         num_classes, C=best_c, max_iter=max_iter)

@@ -1,0 +1,50 @@
+"""Evaluate a finetuned classifier on the test split (SSL4GIE's ``eval_classification.py``).
+
+Appends the reference's lines (``mF1``, ``mPrecision``, ``mRecall``, ``Accuracy``) to
+``eval_results.txt`` plus balanced accuracy, macro AUROC, top-3 accuracy and the classes absent
+from the test split; prints the per-class table; saves the confusion matrix as a PNG.
+Macro scores average over the classes present in the test split (no ε/ε = 1, ssl4gie.md §8.10).
+
+    python eval_classification.py --architecture resnet18 --dataset Hyperkvasir_anatomical --image-size 64
+"""
+from gissl import cli, dist
+from gissl.classification import (check_args, confusion_png, dataset_paths, eval_loader, load_finetuned, predict,
+                                  task_parser, write_predictions_csv)
+from gissl.metrics import classification_metrics, format_per_class
+
+
+def get_args():
+    return check_args(task_parser("eval", "Evaluate fine-tuned classification model").parse_args())
+
+
+def main(args):
+    device = dist.resolve_device(args.device)
+    ds, classes, model = load_finetuned(args, device)
+    test = ds["test"]
+    out = predict(model, eval_loader(test, args.batch_size, args.workers, device), device)
+    m = classification_metrics(out["targets"], out["preds"], out["probs"], num_classes=len(classes),
+                               class_names=classes)
+    name = cli.run_name(args)
+    for line in format_per_class(m):
+        print(line)
+    if args.print_list:  # per-image probability of the true class, SSL4GIE's list format
+        print(f"{name} = [")
+        for p in out["probs"][range(len(out["targets"])), out["targets"]].tolist():
+            print(f"    {p},")
+        print("]")
+    results = {"mF1": m["macro_f1"], "mPrecision": m["macro_precision"], "mRecall": m["macro_recall"],
+               "Accuracy": m["accuracy"], "Balanced accuracy": m["balanced_accuracy"],
+               "mAUROC": m["macro_auroc"]}
+    results.update({f"Top-{k[3:-9]} accuracy": v for k, v in m.items() if k.startswith("top")})
+    results["Test images"] = len(test)
+    results["Classes absent from test split"] = ", ".join(m["absent_classes"]) or "none"
+    cli.append_eval_results("Classification results", name, results)
+    png = confusion_png(m["confusion"], classes, cli.predictions_dir(args) / f"confusion-{name}.png")
+    print(f"confusion matrix: {png}")
+    if args.save_predictions:
+        write_predictions_csv(args.save_predictions, dataset_paths(test), out["targets"], out["probs"])
+        print(f"predictions: {args.save_predictions}")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args)

@@ -1,0 +1,292 @@
+"""Image classification: encoder + linear head, and what train / eval / predict share.
+
+SSL4GIE's classification task (ssl4gie.md §2.2, §4.2, §5.1) with its bugs fixed: class
+weights come from the training split only (§8 item 11), and the scores are
+:func:`gissl.metrics.classification_metrics` (no ε/ε = 1, §8 item 10).
+"""
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from gissl.errors import UserError
+from gissl.probes import occlusion_map
+
+CLASSIFICATION_DATASETS = ("Hyperkvasir_anatomical", "Hyperkvasir_pathological", "folder")
+
+
+class Classifier(torch.nn.Module):
+    """``encoder`` followed by a linear ``head``: `(N, 3, H, W)` -> logits `(N, num_classes)`.
+
+    The encoder keeps its own parameter names under ``encoder.`` (STYLE.md rule 5), so a
+    finetuned encoder exports by stripping that prefix.
+    """
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.embed_dim, num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+# --------------------------------------------------------------------------- data
+
+def build_datasets(dataset, root, *, image_size=224, split="random", seed=42, skip_bad=False,
+                   augment_train=True):
+    """``dict(train=, val=, test=)`` of ``gissl.data.ClassificationDataset`` and the class names.
+
+    ``dataset``: ``Hyperkvasir_anatomical`` / ``Hyperkvasir_pathological`` (reference class ids)
+    or ``folder`` (``root/<class>/<images>``, classes in sorted order). ``split``: ``random``
+    (SSL4GIE's unstratified split) or ``stratified`` (per class 80/10/10). With
+    ``augment_train=False`` the train split gets the eval transform (feature extraction).
+    """
+    from gissl import data
+    if dataset == "folder":
+        samples, classes = data.class_folder(root, skip_bad)
+        if split == "random":
+            idx = data.split_indices(len(samples), seed)
+        elif split == "stratified":
+            idx = data.stratified_split_indices([s["label"] for s in samples], seed)
+        else:
+            raise UserError(f"unknown split '{split}'; choose random (reference) or stratified")
+        out = {name: data.ClassificationDataset([samples[i] for i in ix], image_size,
+                                                train=name == "train" and augment_train, classes=classes)
+               for name, ix in zip(("train", "val", "test"), idx)}
+        return out, list(classes)
+    out = data.build_classification_datasets(dataset, root, image_size=image_size, split=split,
+                                             seed=seed, skip_bad=skip_bad)
+    if not augment_train:
+        tr = out["train"]
+        out["train"] = data.ClassificationDataset(tr.samples, image_size, train=False, classes=tr.classes)
+    return out, list(out["train"].classes)
+
+
+def class_weights(labels, num_classes):
+    """Cross-entropy class weights `(C,)` from the **training** labels `(N,)`:
+    ``w_c = N / (C · N_c)`` (the reference's formula, ssl4gie.md §2.2, which used the whole
+    dataset instead, §8 item 11). A class with no training sample gets weight 0: it never
+    appears as a target, so its weight never enters the loss."""
+    counts = torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).double()
+    w = counts.sum() / (num_classes * counts.clamp(min=1))
+    return torch.where(counts > 0, w, torch.zeros_like(w)).float()
+
+
+def make_compute_losses(weights):
+    """``compute_losses(model, batch) -> {"loss": weighted CE}`` for ``gissl.engine.fit``."""
+    def compute_losses(model, batch):
+        logits = model(batch["image"])
+        return {"loss": F.cross_entropy(logits.float(), batch["label"], weight=weights.to(logits.device))}
+    return compute_losses
+
+
+# --------------------------------------------------------------------------- inference
+
+@torch.inference_mode()
+def predict(model, loader, device):
+    """Run ``model`` (eval mode) over ``loader``.
+
+    Returns ``{"probs": (N, C) float32, "preds": (N,), "targets": (N,), "indices": (N,)}``
+    on the CPU, in loader order.
+    """
+    model.eval()
+    from gissl.engine import move_to
+    probs, targets, indices = [], [], []
+    for batch in loader:
+        batch = move_to(batch, device)
+        probs.append(torch.softmax(model(batch["image"]).float(), 1).cpu())
+        targets.append(batch["label"].long().cpu())
+        indices.append(torch.as_tensor(batch["index"]).long().cpu())
+    probs = torch.cat(probs)
+    return {"probs": probs, "preds": probs.argmax(1), "targets": torch.cat(targets), "indices": torch.cat(indices)}
+
+
+def make_validate(loader, device):
+    """``validate(model) -> macro F1`` on ``loader`` (classes present there): the reference's
+    model-selection metric (ssl4gie.md §4.2), defined without its smoothing."""
+    from gissl.metrics import classification_metrics
+
+    def validate(model):
+        out = predict(model, loader, device)
+        return classification_metrics(out["targets"], out["preds"], num_classes=out["probs"].shape[1])["macro_f1"]
+    return validate
+
+
+def write_predictions_csv(path, paths, targets, probs):
+    """CSV ``path,target,pred,prob_0..prob_{C-1}`` (DESIGN.md), one row per image."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    probs = torch.as_tensor(probs)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "target", "pred"] + [f"prob_{c}" for c in range(probs.shape[1])])
+        for p, t, row in zip(paths, torch.as_tensor(targets).tolist(), probs.tolist()):
+            w.writerow([p, t, int(np.argmax(row))] + [f"{v:.6f}" for v in row])
+
+
+# --------------------------------------------------------------------------- explanations
+
+def occlusion_explanation(model, image, class_idx, patch=16, stride=8, batch_size=32):
+    """Occlusion map `(H, W)`: relative drop of the probability of ``class_idx`` when a
+    ``patch``² window of `image (3, H, W)` is set to the mean colour (used for ViTs)."""
+    model.eval()
+
+    def prob(x):
+        return torch.softmax(model(x).float(), 1)[:, class_idx:class_idx + 1]
+    return occlusion_map(prob, image, patch=patch, stride=stride, batch_size=batch_size)
+
+
+def grad_cam(model, image, class_idx):
+    """Grad-CAM (Selvaraju et al. 2017) on the last ResNet stage: `image (3, H, W)` -> `(H, W)`
+    in [0, 1]. Channel weights = spatial mean of d logit / d activation; the map is the ReLU
+    of the weighted sum, upsampled bilinearly. ``model.encoder`` must be a ResNet encoder
+    (its ``forward`` is the global average of ``forward_features(x)[-1]``)."""
+    model.eval()
+    with torch.enable_grad():
+        fmap = model.encoder.forward_features(image[None])[-1]  # (1, C, h, w)
+        logit = model.head(fmap.mean((2, 3)))[0, class_idx]
+        grad, = torch.autograd.grad(logit, fmap)
+    cam = F.relu((grad.mean((2, 3), keepdim=True) * fmap).sum(1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    return cam / cam.max().clamp(min=1e-12)
+
+
+def explanation(model, image, class_idx):
+    """Grad-CAM for ResNets, occlusion for ViTs (no conv feature map to weight): `(H, W)`."""
+    from gissl.models import is_vit
+    if is_vit(getattr(model.encoder, "architecture", "")):
+        return occlusion_explanation(model, image, class_idx)
+    return grad_cam(model, image, class_idx)
+
+
+# --------------------------------------------------------------------------- pictures
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def heat_colours(heat):
+    """`(H, W)` values -> `(H, W, 3)` uint8 blue→red ("jet"-like), scaled to the map's range."""
+    heat = torch.as_tensor(heat, dtype=torch.float32)
+    span = heat.max() - heat.min()
+    # a flat map (e.g. Grad-CAM on a 1×1 last stage) is shown flat, not as amplified noise
+    v = (heat - heat.min()) / span if span > 1e-6 * heat.abs().max().clamp(min=1e-12) else torch.zeros_like(heat)
+    rgb = torch.stack([(1.5 - (4 * v - 3).abs()), (1.5 - (4 * v - 2).abs()), (1.5 - (4 * v - 1).abs())], -1)
+    return (rgb.clamp(0, 1) * 255).to(torch.uint8).numpy()
+
+
+def to_display(image, mean, std):
+    """Normalised `(3, H, W)` -> `(H, W, 3)` uint8 RGB."""
+    m = torch.tensor(mean).view(3, 1, 1)
+    s = torch.tensor(std).view(3, 1, 1)
+    return ((image.detach().cpu().float() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def prediction_picture(rgb, heat, top, true_name, path, title=""):
+    """Save a picture: the image, the image with the heat map over it, and below them the
+    top classes with probabilities and the true class.
+
+    rgb: `(H, W, 3)` uint8; heat: `(H, W)`; top: ``[(class name, probability), ...]``.
+    """
+    h, w = rgb.shape[:2]
+    scale = max(1, 256 // max(h, w))  # small inputs are enlarged so the text fits
+    img = Image.fromarray(rgb).resize((w * scale, h * scale), Image.NEAREST)
+    overlay = Image.blend(img, Image.fromarray(heat_colours(heat)).resize(img.size, Image.BILINEAR), 0.45)
+    font = _font(14)
+    black, green, red = (0, 0, 0), (0, 120, 0), (180, 0, 0)
+    lines = ([(title, black)] if title else []) + [(f"true: {true_name}", black)] + \
+            [(f"{i + 1}. {name}  {p:.3f}", green if name == true_name else (red if i == 0 else black))
+             for i, (name, p) in enumerate(top)]
+    pad, line_h = 8, 18
+    canvas = Image.new("RGB", (2 * img.width + 3 * pad, img.height + 2 * pad + line_h * len(lines) + pad), "white")
+    canvas.paste(img, (pad, pad))
+    canvas.paste(overlay, (img.width + 2 * pad, pad))
+    draw = ImageDraw.Draw(canvas)
+    for i, (line, colour) in enumerate(lines):
+        draw.text((pad, img.height + 2 * pad + i * line_h), line, fill=colour, font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def confusion_png(cm, class_names, path, title="confusion matrix (rows: true, columns: predicted)"):
+    """Save the confusion matrix `(C, C)` as a PNG: cells shaded by row-normalised rate, with counts."""
+    cm = torch.as_tensor(cm).long()
+    n = cm.shape[0]
+    rates = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
+    cell = max(28, min(60, 600 // max(n, 1)))
+    font = _font(max(9, cell // 3))
+    label_w = 8 + 7 * max(len(f"{i} {c}") for i, c in enumerate(class_names))
+    top_pad = 30
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=_font(12))) + 16
+    size = (max(title_w, label_w + n * cell + 10), top_pad + n * cell + 24)
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 8), title, fill=(0, 0, 0), font=_font(12))
+    for i in range(n):
+        draw.text((4, top_pad + i * cell + cell // 3), f"{i} {class_names[i]}", fill=(0, 0, 0), font=_font(11))
+        draw.text((label_w + i * cell + cell // 3, top_pad + n * cell + 4), str(i), fill=(0, 0, 0), font=_font(11))
+        for j in range(n):
+            shade = int(255 - 200 * float(rates[i, j]))
+            x0, y0 = label_w + j * cell, top_pad + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
+            draw.text((x0 + 4, y0 + cell // 3), str(int(cm[i, j])), fill=(0, 0, 0) if shade > 120 else (255, 255, 255),
+                      font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def dataset_paths(dataset):
+    """Image file path of every sample of a ``ClassificationDataset``, in index order."""
+    return [os.fspath(s["image"]) for s in dataset.samples]
+
+
+def eval_loader(dataset, batch_size, workers, device):
+    """A loader over **all** of ``dataset`` in order, on this process only.
+
+    Validation runs on rank 0 alone (``gissl.engine.fit``), so it must not get a per-rank
+    shard as ``make_loader`` gives under torchrun; evaluation has no randomness to seed.
+    """
+    from gissl.engine import collate
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate, pin_memory=torch.device(device).type == "cuda")
+
+
+# --------------------------------------------------------------------------- scripts
+
+def task_parser(stage, description, task="classification", **kwargs):
+    """``gissl.cli.task_parser`` with the classification datasets and ``--split``."""
+    from gissl import cli
+    p = cli.task_parser(task, description, stage=stage, datasets=CLASSIFICATION_DATASETS, **kwargs)
+    p.add_argument("--split", default="random", choices=["random", "stratified"],
+                   help="random = SSL4GIE's unstratified 80/10/10 split (rare classes may miss val/test); "
+                        "stratified = 80/10/10 within each class")
+    return p
+
+
+def check_args(args):
+    """``gissl.cli.check_args`` plus: ``--dataset folder`` needs ``--data-root``."""
+    from gissl import cli
+    cli.check_args(args)
+    if args.dataset == "folder" and not args.data_root:
+        raise UserError("--dataset folder needs --data-root DIR holding one sub-folder per class")
+    return args
+
+
+def load_finetuned(args, device):
+    """Datasets, class names and the finetuned :class:`Classifier` of this run (eval mode)."""
+    from gissl import cli
+    ds, classes = build_datasets(args.dataset, cli.data_root(args), image_size=args.image_size, split=args.split,
+                                 skip_bad=args.skip_bad_files)
+    model = Classifier(cli.encoder_from_args(args, img_size=args.image_size), len(classes))
+    cli.load_trained(model, args)
+    return ds, classes, model.to(device).eval()

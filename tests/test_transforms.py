@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from gissl.data import transforms as T
@@ -24,9 +25,10 @@ def _bounds(m):
 def test_separable_blur_equals_torchvision():
     x = torch.rand(3, 40, 52)
     blur = T.GaussianBlur(25, (1.3, 1.3))
-    ours = blur.transform(tv_tensors.Image(x), {"sigma": 1.3})
-    ref = TF.gaussian_blur(x, [25, 25], [1.3, 1.3])
-    torch.testing.assert_close(ours.as_subclass(torch.Tensor), ref, atol=1e-5, rtol=0)
+    for sigma in (0.001, 0.7, 1.3, 2.0):
+        ours = blur.transform(tv_tensors.Image(x), {"sigma": sigma})
+        ref = TF.gaussian_blur(x, [25, 25], [sigma, sigma])
+        torch.testing.assert_close(ours.as_subclass(torch.Tensor), ref, atol=1e-5, rtol=0)
     m = tv_tensors.Mask(torch.ones(1, 40, 52))
     assert blur.transform(m, {"sigma": 1.3}) is m  # masks are never blurred
     assert T.gaussian_blur(1.0).kernel_size == 25 and T.gaussian_blur(1.0).sigma == (0.001, 2.0)
@@ -78,13 +80,39 @@ def test_segmentation_mask_follows_image(seed):
 def test_segmentation_affine_fills_black():
     # the affine runs before Normalize with fill 0: black, not the reference's -1.0 grey
     tr = T.segmentation_transform(64, train=True)
-    affine, norm = tr.transforms[-2], tr.transforms[-1]
+    assert isinstance(tr.transforms[-2], T.RandomAffine) and isinstance(tr.transforms[-1], v2.Normalize)
+    shrink = T.RandomAffine(45, scale=(0.5, 0.5))
     img, mask, _ = _box_scene(64, 64, (10, 10, 50, 50))
-    params = dict(affine.make_params([img]), scale=0.5, angle=45.0, translate=[0, 0], shear=[0.0, 0.0])
-    out = norm(affine.transform(img, params))
-    black = norm(tv_tensors.Image(torch.zeros(3, 1, 1)))
+    img, mask = shrink(img, mask)
+    out = tr.transforms[-1](img)
+    black = tr.transforms[-1](tv_tensors.Image(torch.zeros(3, 1, 1)))
     torch.testing.assert_close(out[:, 0, 0], black[:, 0, 0])
-    assert affine.transform(mask, params)[0, 0, 0] == 0
+    assert mask[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_affine_equals_torchvision(seed):
+    torch.manual_seed(seed)
+    x = torch.rand(3, 50, 64)
+    img = tv_tensors.Image(x)
+    aff = T.RandomAffine(180, translate=(1 / 8, 1 / 8), scale=(0.5, 1.5), shear=(-22.5, 22.5))
+    p = aff.make_params([img])
+    ref = TF.affine(x, angle=p["angle"], translate=p["translate"], scale=p["scale"], shear=p["shear"],
+                    interpolation=v2.InterpolationMode.NEAREST, fill=0)
+    assert (aff.transform(img, p) == ref).float().mean() > 0.999
+    rot = T.RandomAffine(180, rotation_only=True)
+    p = rot.make_params([img])
+    ref = TF.rotate(x, p["angle"], interpolation=v2.InterpolationMode.NEAREST, fill=0)
+    assert (rot.transform(img, p) == ref).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("hue", [0.01, -0.01, 0.003, 0.4])
+def test_hue_equals_torchvision(hue):
+    x = torch.rand(3, 40, 40)
+    x[:, :4, :4] = 0.5  # grey: no hue
+    torch.testing.assert_close(T._adjust_hue(x, hue), TF.adjust_hue(x, hue), atol=1e-5, rtol=0)
+    cj = T.color_jitter()
+    assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.5, 1.5), (0.75, 1.25), (-0.01, 0.01))
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -481,7 +481,7 @@ class SegmentationDataset(_SampleDataset):
         s = self.samples[i]
         size = (self.image_size, self.image_size)
         img = _to_tensor(_resized_rgb(s["image"], size))
-        full = load_mask(s["mask"])
+        full = load_mask(s["mask"], None if self.original else size)
         mask = tv_tensors.Mask(torch.from_numpy(_resize_mask(full, size))[None].float())
         img, mask = self.transform(img, mask)
         out = {"image": _plain(img), "mask": _plain(mask), "index": i}

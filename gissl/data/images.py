@@ -79,22 +79,26 @@ def open_rgb(path, size=None):
                         f"(or pass --skip-bad-files)") from None
 
 
-def _open_oriented(path):
+def _open_oriented(path, size=None, mode=None):
     with Image.open(path) as im:
         orientation = _orientation(im)
+        if im.format == "JPEG" and (size is not None or mode is not None):
+            im.draft(mode, None if size is None else size if orientation < 5 else (size[1], size[0]))
         im.load()
         return ImageOps.exif_transpose(im) if orientation != 1 else im
 
 
-def load_mask(path):
+def load_mask(path, size=None):
     """Binary mask as a (H, W) bool array in display orientation.
 
     Grey/RGB masks (Kvasir-SEG's are RGB JPEGs with soft edges) are binarised at 0.5 of the full
     range (luma >= 128; 16-bit: >= 32768). A mask whose largest value is 1 is an index mask
-    (0/1) and its 1s are foreground.
+    (0/1) and its 1s are foreground. ``size`` (W, H): a JPEG mask may be decoded at reduced
+    scale (still >= size), for callers that resize it anyway.
     """
     try:
-        im = _open_oriented(path)
+        # JPEG masks: decode the luma channel only (what the threshold uses), optionally scaled
+        im = _open_oriented(path, size, mode="L")
     except Exception as e:
         raise DataError(f"cannot decode mask {path}: {e}; replace or remove the file") from None
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):

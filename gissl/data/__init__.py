@@ -58,23 +58,25 @@ header up front):
 
 Datasets (torch ``Dataset``; take a reader's sample list): ``ClassificationDataset``,
 ``SegmentationDataset``, ``DepthDataset``, ``DetectionDataset``, ``UnlabelledDataset``.
+Building blocks for other datasets: ``decode_resized(path, (W, H)) -> PIL RGB`` (fast JPEG draft
+decode + bicubic resize), ``to_image_tensor(pil) -> tv_tensors.Image (3,H,W) float [0,1]``,
+``resize_mask(bool (H,W), (W, H)) -> bool``.
 
 Splits: ``split_indices(n, seed=42) -> (train, val, test)`` (SSL4GIE's, equal to sklearn's
 two-step ``train_test_split``), ``stratified_split_indices(labels, seed=42)``.
 
 Transforms (``gissl.data.transforms``): ``IMAGENET_MEAN``, ``IMAGENET_STD``, ``normalize``,
 ``classification_transform``, ``segmentation_transform``, ``depth_transform``,
-``detection_transform``, ``from_square``, ``pad_boxes``, ``unpad_boxes``.
-Images (``gissl.data.images``): ``open_rgb(path, min_size=None)``, ``load_mask``, ``load_depth``.
+``detection_transform``, ``GaussianBlur``, ``RandomAffine``, ``ColorJitter``, ``RandomRot90``,
+``from_square``, ``fixed_size_geometry``, ``pad_boxes``, ``unpad_boxes``.
+Images (``gissl.data.images``): ``open_rgb(path, size=None)``, ``load_mask(path, size=None,
+resize=False)``, ``load_depth(path)`` (mm), ``check_image(path) -> (W, H)``,
+``report_bad(problems, skip_bad, what)``.
 Synthetic data (``gissl.data.synthetic``): ``synthetic_root(dataset, num=None, seed=0)``,
 ``generate(dataset, out, num=None, seed=0)``.
 """
 
 from gissl.data.splits import split_indices, stratified_split_indices  # noqa: F401
 
-# The rest of the public API is imported below once its module exists (see the docstring).
-try:  # pragma: no cover - transitional while the modules are being written
-    from gissl.data.datasets import *  # noqa: F401,F403
-    from gissl.data.transforms import from_square, pad_boxes, unpad_boxes  # noqa: F401
-except ImportError:
-    pass
+from gissl.data.datasets import *  # noqa: F401,F403,E402
+from gissl.data.transforms import from_square, pad_boxes, unpad_boxes  # noqa: F401,E402

@@ -32,6 +32,7 @@ __all__ = [
     "build_classification_datasets", "build_segmentation_datasets", "build_depth_datasets",
     "build_detection_datasets", "build_unlabelled_dataset",
     "SEGMENTATION_DATASETS", "CLASSIFICATION_DATASETS",
+    "to_image_tensor", "decode_resized", "resize_mask",
 ]
 
 # Class-id order of the reference (ssl4gie.md §2.2): tract folders sorted (lower-gi-tract before
@@ -416,25 +417,29 @@ def polyp_twin(root):
 
 # --- datasets ----------------------------------------------------------------------------------
 
-def _to_tensor(pil):
+def to_image_tensor(pil):
     """PIL RGB -> tv_tensors.Image float32 (3, H, W) in [0, 1]."""
     a = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
     return tv_tensors.Image(a.float().div_(255.0))
 
 
-def _resized_rgb(path, size):
+def decode_resized(path, size):
     """Decode (JPEG draft to >= size) and resize to ``size`` = (W, H), bicubic like the reference."""
     im = open_rgb(path, size)
     return im if im.size == tuple(size) else im.resize(tuple(size), Image.BICUBIC)
 
 
-def _resize_mask(mask, size):
+def resize_mask(mask, size):
     """(H, W) bool -> (H', W') bool: bilinear/area on 0/255 then threshold 0.5 (smooth edges,
     no bicubic overshoot, binary target)."""
     im = Image.fromarray(mask.astype(np.uint8) * 255)
     if im.size != tuple(size):
         im = im.resize(tuple(size), Image.BILINEAR)
     return np.asarray(im) >= 128
+
+
+# older private names, still imported by other gissl modules
+_to_tensor, _resized_rgb, _resize_mask = to_image_tensor, decode_resized, resize_mask
 
 
 def _plain(t):
@@ -464,7 +469,7 @@ class ClassificationDataset(_SampleDataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        img = self.transform(_to_tensor(_resized_rgb(s["image"], (self.image_size, self.image_size))))
+        img = self.transform(to_image_tensor(decode_resized(s["image"], (self.image_size, self.image_size))))
         return {"image": _plain(img), "label": torch.tensor(s["label"], dtype=torch.int64), "index": i}
 
 
@@ -480,9 +485,13 @@ class SegmentationDataset(_SampleDataset):
     def __getitem__(self, i):
         s = self.samples[i]
         size = (self.image_size, self.image_size)
-        img = _to_tensor(_resized_rgb(s["image"], size))
-        full = load_mask(s["mask"], None if self.original else size)
-        mask = tv_tensors.Mask(torch.from_numpy(_resize_mask(full, size))[None].float())
+        img = to_image_tensor(decode_resized(s["image"], size))
+        if self.original:
+            full = load_mask(s["mask"])
+            small = resize_mask(full, size)
+        else:
+            small = load_mask(s["mask"], size, resize=True)
+        mask = tv_tensors.Mask(torch.from_numpy(small)[None].float())
         img, mask = self.transform(img, mask)
         out = {"image": _plain(img), "mask": _plain(mask), "index": i}
         if self.original:
@@ -522,7 +531,7 @@ class DepthDataset(_SampleDataset):
         full = load_depth(s["depth"])
         depth = _square(Image.fromarray(full, "F"), 0.0).resize(size, Image.NEAREST)
         depth = tv_tensors.Mask(torch.from_numpy(np.array(depth, dtype=np.float32))[None])
-        img, depth = self.transform(_to_tensor(img), depth)
+        img, depth = self.transform(to_image_tensor(img), depth)
         out = {"image": _plain(img), "depth": _plain(depth), "index": i}
         if self.original:
             out["depth_orig"] = torch.from_numpy(full)[None]
@@ -564,7 +573,7 @@ class DetectionDataset(_SampleDataset):
         s = self.samples[i]
         w, h = s["size"]
         meta = T.fixed_size_geometry(h, w, self.fixed_size)
-        img = _to_tensor(self._decode(s["image"], meta))
+        img = to_image_tensor(self._decode(s["image"], meta))
         nh, nw = meta["size"]
         boxes = tv_tensors.BoundingBoxes(T.pad_boxes(torch.as_tensor(s["boxes"]), dict(meta, offset=(0, 0))).float(),
                                          format="XYXY", canvas_size=(nh, nw))
@@ -604,7 +613,7 @@ class UnlabelledDataset(_SampleDataset):
             r = self.decode_size / min(w, h)
             size = (max(1, int(np.ceil(w * r))), max(1, int(np.ceil(h * r)))) if r < 1 else None
         img = open_rgb(s["image"], size)
-        out = self.transform(img) if self.transform is not None else _plain(_to_tensor(img))
+        out = self.transform(img) if self.transform is not None else _plain(to_image_tensor(img))
         if isinstance(out, (tuple, list)):
             return tuple(out)
         return {"image": out, "index": i}

@@ -88,13 +88,15 @@ def _open_oriented(path, size=None, mode=None):
         return ImageOps.exif_transpose(im) if orientation != 1 else im
 
 
-def load_mask(path, size=None):
+def load_mask(path, size=None, resize=False):
     """Binary mask as a (H, W) bool array in display orientation.
 
     Grey/RGB masks (Kvasir-SEG's are RGB JPEGs with soft edges) are binarised at 0.5 of the full
     range (luma >= 128; 16-bit: >= 32768). A mask whose largest value is 1 is an index mask
     (0/1) and its 1s are foreground. ``size`` (W, H): a JPEG mask may be decoded at reduced
-    scale (still >= size), for callers that resize it anyway.
+    scale (still >= size), for callers that resize it anyway; ``resize=True`` resizes the grey
+    levels to ``size`` (bilinear, area-like when shrinking) before thresholding, so soft edges
+    land where the 0.5 level lies.
     """
     try:
         # JPEG masks: decode the luma channel only (what the threshold uses), optionally scaled
@@ -107,7 +109,15 @@ def load_mask(path, size=None):
     else:
         if im.mode in ("RGBA", "LA", "PA", "P"):
             im = _to_rgb(im)
-        a = np.asarray(im.convert("L"))
+        im = im.convert("L")
+        if resize and size is not None and im.size != tuple(size):
+            if im.getextrema()[1] == 1:  # index mask: scale 0/1 to 0/255 before interpolating
+                im = im.point(lambda v: 255 if v else 0)
+            im = im.resize(tuple(size), Image.BILINEAR)
+        a = np.asarray(im)
+        top = 255.0
+    if resize and size is not None and a.shape != (size[1], size[0]):  # 16-bit / float masks
+        a = np.asarray(Image.fromarray((a >= top / 2).astype(np.uint8) * 255).resize(tuple(size), Image.BILINEAR))
         top = 255.0
     if a.max(initial=0) == 1:
         return a >= 1

@@ -151,17 +151,18 @@ def _fit_pos_embed(pos_embed, encoder, path):
 
 
 def _mismatch_message(encoder, path, prefix, weights, missing, unexpected, misshaped, ss_framework):
-    model_family = "vit" if encoder.architecture.startswith("vit") else "resnet"
+    arch = getattr(encoder, "architecture", type(encoder).__name__)
+    model_family = "vit" if hasattr(encoder, "pos_embed") else "resnet"
     model_text = "a ViT" if model_family == "vit" else "a ResNet"
     file_family, file_text = describe_state_dict(weights)
     where = f" under '{prefix}'" if prefix else ""
     if file_family is not None and file_family != model_family:
-        head = f"this file holds {file_text}{where}, not {model_text}; --architecture {encoder.architecture} needs " \
+        head = f"this file holds {file_text}{where}, not {model_text}; --architecture {arch} needs " \
                f"a {'ViT' if model_family == 'vit' else 'ResNet'} checkpoint"
     else:
-        head = f"this file holds {file_text}{where}, which does not match {encoder.architecture}"
+        head = f"this file holds {file_text}{where}, which does not match {arch}"
     framework = f" (given as a {ss_framework} checkpoint)" if ss_framework else ""
-    parts = [f"checkpoint '{path}'{framework} does not fit encoder {encoder.architecture}: {head}."]
+    parts = [f"checkpoint '{path}'{framework} does not fit encoder {arch}: {head}."]
     if missing:
         parts.append(f"missing keys ({len(missing)}): {_names(missing)}.")
     if unexpected:

@@ -183,18 +183,18 @@ def colourize(values, vmax, invalid=None):
     return rgb.round().astype(np.uint8)
 
 
-def scale_bar(width, vmax, label, reverse=False):
-    """A horizontal colour bar with its end values, as a PIL image ``width`` px wide."""
-    ramp = np.linspace(vmax if reverse else 0, 0 if reverse else vmax, width)[None].repeat(10, 0)
-    bar = Image.fromarray(colourize(ramp, vmax))
+def scale_bar(width, vmax, label, near_bright=False, saturates=False):
+    """A horizontal colour bar from 0 (left) to ``vmax`` (right) with its end values, as a PIL
+    image ``width`` px wide; ``near_bright`` uses the depth panels' reversed colours."""
+    ramp = np.linspace(0, vmax, width)[None].repeat(10, 0)
+    bar = Image.fromarray(colourize(vmax - ramp if near_bright else ramp, vmax))
     font = text_font(12)
     out = Image.new("RGB", (width, 30), (255, 255, 255))
     out.paste(bar, (0, 0))
     draw = ImageDraw.Draw(out)
-    left, right = (f"{vmax:.0f}", "0") if reverse else ("0", f"{vmax:.0f}")
-    draw.text((1, 12), left, fill=(0, 0, 0), font=font)
+    draw.text((1, 12), "0", fill=(0, 0, 0), font=font)
     draw.text((width // 2, 12), label, fill=(0, 0, 0), font=font, anchor="ma")
-    draw.text((width - 1, 12), right, fill=(0, 0, 0), font=font, anchor="ra")
+    draw.text((width - 1, 12), f"{vmax:.0f}{'+' if saturates else ''}", fill=(0, 0, 0), font=font, anchor="ra")
     return out
 
 
@@ -217,8 +217,8 @@ def depth_panel(image, gt_mm, pred_mm, rmse):
     pred = Image.fromarray(colourize(vmax - np.clip(pred_mm, 0, vmax), vmax, invalid))
     err = Image.fromarray(colourize(np.abs(pred_mm - gt_mm), ERROR_MAX_MM, invalid))
     w = image.width
-    depth_bar = scale_bar(w, vmax, "depth (mm)", reverse=True)
-    error_bar = scale_bar(w, ERROR_MAX_MM, "|error| (mm), saturates")
+    depth_bar = scale_bar(w, vmax, "depth (mm)", near_bright=True)
+    error_bar = scale_bar(w, ERROR_MAX_MM, "|error| (mm)", saturates=True)
     blank = Image.new("RGB", (w, depth_bar.height), (255, 255, 255))
     return hstack([_with_bar(caption(image.copy(), "input"), blank),
                    _with_bar(caption(gt, "ground truth"), depth_bar),

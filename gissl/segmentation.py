@@ -175,8 +175,8 @@ def list_id(args):
 def print_list(args, values):
     """Print per-image values as SSL4GIE's Python-list literal (stdout only)."""
     print(f"{list_id(args)} = [")
-    for v in values:
-        print(f"    {float(v)},")
+    for v in values:  # an undefined score (no polyp, none predicted) stays a valid Python literal
+        print(f"    {float(v)}," if v == v else '    float("nan"),')
     print("]", flush=True)
 
 

@@ -8,6 +8,8 @@ decision rests on (Grad-CAM for ResNets, occlusion of 16-px patches for ViTs), s
     python predict_classification.py --architecture resnet18 --dataset Hyperkvasir_anatomical \
         --image-size 64 --idx 0,5
 """
+from pathlib import Path
+
 import torch
 
 from gissl import cli, dist
@@ -42,7 +44,7 @@ def main(args):
         print(path)
         out = prediction_picture(to_display(image, IMAGENET_MEAN, IMAGENET_STD), heat,
                                  [(classes[c], float(p)) for p, c in zip(top.values, top.indices)],
-                                 classes[int(sample["label"])], folder / f"test{i}_{label}.png", title=str(path)[-60:])
+                                 classes[int(sample["label"])], folder / f"test{i}_{label}.png", title=Path(path).name)
         print(f"  -> {out}")
 
 

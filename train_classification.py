@@ -11,11 +11,19 @@ from gissl import cli, dist
 from gissl.classification import (Classifier, build_datasets, check_args, class_weights, eval_loader,
                                   make_compute_losses, make_validate, task_parser)
 from gissl.engine import build_optimizer, fit, freeze, make_loader
+from gissl.errors import UserError
+from gissl.ssl.schedule import warmup_cosine
 
 
 def get_args():
     p = task_parser("train", "Fine-tune pretrained model for classification", default_epochs=50)
-    return check_args(p.parse_args())
+    p.add_argument("--cosine", action="store_true",
+                   help="1-epoch linear warm-up, then cosine decay to --learning-rate-scheduler-minimum "
+                        "over --epochs (steadier than a constant rate for short runs from scratch)")
+    args = check_args(p.parse_args())
+    if args.cosine and args.learning_rate_scheduler:
+        raise UserError("choose one of --cosine and --learning-rate-scheduler")
+    return args
 
 
 def main(args):
@@ -38,7 +46,9 @@ def main(args):
                  optimizer=optimizer, device=device, run_dir=cli.output_dir(args), run_name=cli.run_name(args),
                  args=args, epochs=args.epochs, validate=make_validate(val_loader, device), metric_mode="max",
                  lr_scheduler=args.learning_rate_scheduler, lr_min=args.learning_rate_scheduler_minimum,
-                 accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp, frozen=frozen)
+                 accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp, frozen=frozen,
+                 lr_schedule=warmup_cosine(args.learning_rate, args.epochs, min(1.0, args.epochs / 10),
+                                           args.learning_rate_scheduler_minimum) if args.cosine else None)
     if dist.is_main_process():
         print(f"best validation macro F1 {result['best_metric']:.4f} at epoch {result['best_epoch']}; "
               f"model saved to {result['best_path']}", flush=True)

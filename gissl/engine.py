@@ -229,31 +229,39 @@ class SeededDataset(torch.utils.data.Dataset):
 
 def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
                 collate_fn=None, drop_last=None):
-    """A DataLoader for one rank.
+    """A DataLoader for one process.
 
-    ``batch_size`` is global (as SSL4GIE's ``--batch-size``): each of the ``world`` ranks
-    loads ``batch_size // world``. Training shuffles with an order fixed by (seed, epoch)
-    and drops the last incomplete batch; evaluation keeps order and every sample.
-    Every sample's augmentation is seeded from (seed, epoch, index), so ranks and workers
-    draw distinct random streams (the reference gave every rank the same stream,
-    ssl4gie.md §8.8) and results do not depend on the number of workers. Workers persist
-    across epochs; memory is pinned on CUDA.
+    Training (``train=True``): ``batch_size`` is global (as SSL4GIE's ``--batch-size``), so
+    each of the ``world`` ranks loads ``batch_size // world`` samples of its own shard; the
+    order is fixed by (seed, epoch), the last incomplete batch is dropped, and every
+    sample's augmentation is seeded from (seed, epoch, index), so ranks and workers draw
+    distinct random streams (the reference gave every rank the same stream, ssl4gie.md
+    §8.8) and results do not depend on the number of workers.
+    Evaluation (``train=False``): every sample, in order, on this process alone —
+    validation runs on rank 0 only, and must see the whole split.
+    Workers persist across epochs; memory is pinned on CUDA.
     """
+    if len(dataset) == 0:
+        raise UserError("the dataset is empty; check --data-root and --dataset")
+    pin = torch.device(device).type == "cuda"
+    if not train:
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+            collate_fn=collate_fn or collate, drop_last=bool(drop_last), pin_memory=pin,
+            persistent_workers=workers > 0)
     world = dist.get_world_size()
     if batch_size < world:
         raise UserError(f"--batch-size {batch_size} is smaller than the number of processes "
                         f"({world}); it is the global batch and must be at least {world}")
-    if len(dataset) == 0:
-        raise UserError("the dataset is empty; check --data-root and --dataset")
     per_rank = batch_size // world
-    drop_last = train if drop_last is None else drop_last
-    if train and len(dataset) < batch_size:
+    drop_last = True if drop_last is None else drop_last
+    if len(dataset) < batch_size:
         drop_last = False  # a tiny dataset still trains, with one short batch per epoch
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, drop_last=drop_last and train)
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, drop_last=drop_last)
     return torch.utils.data.DataLoader(
         SeededDataset(dataset), batch_size=per_rank, sampler=sampler, num_workers=workers,
-        collate_fn=collate_fn or collate, drop_last=drop_last,
-        pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+        collate_fn=collate_fn or collate, drop_last=drop_last, pin_memory=pin,
+        persistent_workers=workers > 0)
 
 
 # --------------------------------------------------------------------------- training
@@ -336,7 +344,7 @@ def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, 
         if bar is not None:
             bar.update(1)
             if j % log_every == 0:
-                bar.set_postfix(loss=f"{float(total):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{float(total.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if last_of_group and j + 1 < n_batches and should_stop is not None and should_stop(global_step):
             stopped = {"batches_done": j + 1, "count": count,
                        "sums": {k: float(v) for k, v in sums.items()}}

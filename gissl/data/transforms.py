@@ -33,18 +33,23 @@ def normalize():
 
 def _adjust_hue(img, hue_factor):
     """HSV hue shift by ``hue_factor`` turns, the same result as torchvision's ``adjust_hue``
-    (max and min of each pixel are kept, the hue angle moves) in ~20 plane-wise ops instead of a
-    full RGB->HSV->RGB round trip (~4x faster at 224 px). img: (3, H, W) float in [0, 1]."""
+    (each pixel keeps its max and min, its hue angle moves) without the full RGB->HSV->RGB
+    round trip and without ``torch.where`` (slow on CPU): ~5x faster at 224 px.
+    img: (..., 3, H, W) float in [0, 1]."""
     r, g, b = img.unbind(-3)
-    mx, mn = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
-    chroma = mx - mn
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    # hue in sextants [0, 6): which channel is the max decides the formula (r wins ties, then g)
-    h6 = torch.where(mx == r, ((g - b) / safe) % 6, torch.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    mx = torch.maximum(torch.maximum(r, g), b)
+    chroma = mx - torch.minimum(torch.minimum(r, g), b)
+    inv = chroma.clamp_min(1e-12).reciprocal_()  # grey pixels: numerator 0, hue 0 as torchvision
+    # which channel is the max picks the hue formula; ties go to r, then g (torchvision's order)
+    m_r = (mx == r).to(img.dtype)
+    m_g = (mx == g).to(img.dtype).mul_(1 - m_r)
+    m_b = 1 - m_r - m_g
+    h6 = (m_r * (g - b) + m_g * (b - r) + m_b * (r - g)).mul_(inv).add_(2 * m_g + 4 * m_b)  # sextants
     # R, G, B = f(5), f(3), f(1) with f(n) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + h6') mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=img.dtype).view(3, *([1] * (img.dim() - 1))).movedim(0, -3)
-    k = torch.remainder(h6.unsqueeze(-3) + (n + 6 * hue_factor), 6)
-    return mx.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=img.dtype).view(3, 1, 1) + 6 * hue_factor
+    k = h6.unsqueeze(-3) + n
+    k = k - 6 * torch.floor(k * (1 / 6))
+    return mx.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 class ColorJitter(v2.Transform):
@@ -204,8 +209,8 @@ class RandomAffine(v2.Transform):
         xs = torch.arange(w, dtype=torch.float32) - (w - 1) * 0.5
         sx = torch.round(m[0] * xs[None, :] + m[1] * ys[:, None] + m[2] + (w - 1) * 0.5)
         sy = torch.round(m[3] * xs[None, :] + m[4] * ys[:, None] + m[5] + (h - 1) * 0.5)
-        valid = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
-        index = torch.where(valid, sy * w + sx, torch.zeros_like(sx)).long().flatten()
+        valid = ((sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)).float()
+        index = ((sy * w + sx) * valid).long().flatten()  # out-of-image pixels read pixel 0, then x 0
         return dict(params, index=index, valid=valid.flatten(), size=(h, w))
 
     def transform(self, inpt, params):
@@ -217,7 +222,7 @@ class RandomAffine(v2.Transform):
         if not isinstance(inpt, torch.Tensor) or tuple(inpt.shape[-2:]) != params["size"]:
             return inpt
         flat = inpt.as_subclass(torch.Tensor).reshape(-1, params["index"].numel())
-        out = torch.index_select(flat, 1, params["index"]).mul_(params["valid"])  # fill 0 outside the source
+        out = torch.index_select(flat, 1, params["index"]).mul_(params["valid"].to(flat.dtype))  # fill 0
         return tv_tensors.wrap(out.reshape(inpt.shape), like=inpt)
 
 

@@ -196,3 +196,17 @@ def test_scripts_end_to_end(kvasir, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(predict_detection.main, lambda: det.parse_args("predict", common + ["--idx", "99"]))
     assert e.value.code == 2
+
+
+def test_pretrained_checkpoint_loads_into_the_backbone(tmp_path):
+    from gissl.models import build_encoder
+    source = build_encoder("resnet18")
+    source.bn1.running_mean.uniform_(-1, 1)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    args = det.parse_args("train", TINY + ["--pretraining", "ImageNet_class", "--checkpoint",
+                                           str(tmp_path / "resnet18.pth")])
+    args.num_classes = 2
+    body = det.build_model(args).backbone.body
+    torch.testing.assert_close(body.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(body.bn1.running_mean, source.bn1.running_mean)  # BN frozen with its statistics
+    assert type(body.bn1).__name__ == "FrozenBatchNorm2d"

@@ -162,3 +162,14 @@ def test_from_square_inverts_square_padding():
     sq[:, top:top + h, left:left + w] = x
     torch.testing.assert_close(T.from_square(sq, h, w, mode="nearest"), x)
     assert T.from_square(torch.rand(2, 1, 16, 16), h, w).shape == (2, 1, h, w)
+
+
+def test_photometric_transforms_reject_non_float_images():
+    from PIL import Image
+    from gissl.errors import UserError
+    pil = Image.new("RGB", (8, 8))
+    for t in (T.color_jitter(), T.gaussian_blur()):
+        with pytest.raises(UserError, match="float image tensor"):
+            t(pil)
+        with pytest.raises(UserError, match="uint8"):
+            t(tv_tensors.Image(torch.zeros(3, 8, 8, dtype=torch.uint8)))

@@ -68,7 +68,7 @@ class ColorJitter(v2.Transform):
         return {"order": torch.randperm(4).tolist(), "factors": u}
 
     def transform(self, inpt, params):
-        if not _image_only(inpt) or not isinstance(inpt, torch.Tensor):
+        if not _image_only(inpt):
             return inpt
         out = inpt.as_subclass(torch.Tensor)
         ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, _adjust_hue)
@@ -83,7 +83,15 @@ def color_jitter():
 
 
 def _image_only(inpt):
-    return not isinstance(inpt, (tv_tensors.Mask, tv_tensors.BoundingBoxes))
+    """True for the image (to be transformed), False for masks/boxes (passed through). The
+    photometric transforms here work on float tensors only: anything else is a pipeline error."""
+    if isinstance(inpt, (tv_tensors.Mask, tv_tensors.BoundingBoxes)):
+        return False
+    if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point():
+        raise UserError(f"gissl transforms expect a float image tensor in [0, 1], got {type(inpt).__name__}"
+                        f"{'' if not isinstance(inpt, torch.Tensor) else ' of dtype ' + str(inpt.dtype)}; "
+                        f"put v2.ToImage() and v2.ToDtype(torch.float32, scale=True) before them")
+    return True
 
 
 class GaussianBlur(v2.Transform):

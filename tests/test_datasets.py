@@ -213,6 +213,11 @@ def test_unlabelled_views(tmp_path):
     assert len(ds) == 4 and ds[0] == ((120, 100), (120, 100))
     ds = D.build_unlabelled_dataset(str(tmp_path))
     assert ds[3]["image"].shape == (3, 50, 50)
+    big = tmp_path / "big"
+    os.makedirs(big)
+    Image.fromarray(np.repeat(np.repeat(_rgb(67, 80), 16, 0), 16, 1)).save(big / "a.jpg")  # 1280x1072
+    fast = D.build_unlabelled_dataset(str(big), decode_size=200)[0]["image"]
+    assert fast.shape == (3, 268, 320)  # JPEG decoded at 1/4: short side still >= 200
 
 
 # --- bad input: one DataError naming the file, or a warning and a skip --------------------------

@@ -106,14 +106,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.window_size = None  # None = global attention
 
-    def forward(self, x, grid):
-        """x: (N, 1 + h*w, D), grid = (h, w). Returns (N, 1 + h*w, D)."""
+    def forward(self, x, grid=None):
+        """x: (N, P + h*w, D), grid = (h, w) (needed by windowed attention only). Returns (N, P + h*w, D)."""
         n, length, dim = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, L, d)
         if self.window_size is None:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
+            if grid is None:
+                raise UserError("windowed attention needs the token grid (h, w): call block(x, (h, w))")
             x = window_attention(q, k, v, grid, self.window_size, num_prefix=length - grid[0] * grid[1])
         return self.proj(x.transpose(1, 2).reshape(n, length, dim))
 
@@ -139,7 +141,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, grid):
+    def forward(self, x, grid=None):
+        """x: (N, L, D) -> (N, L, D); grid (h, w) of the patch tokens, for windowed attention."""
         x = x + self.attn(self.norm1(x), grid)
         return x + self.mlp(self.norm2(x))
 

@@ -47,6 +47,10 @@ def is_vit(architecture):
     return architecture.startswith("vit")
 
 
+def _family(architecture):
+    return "vit" if is_vit(architecture) else "resnet"
+
+
 def build_encoder(architecture, pretraining="random", ss_framework=None, checkpoint=None, *,
                   img_size=224, window_size=None, window_blocks=()):
     """Build an encoder and load its pretrained weights (all local files).
@@ -85,9 +89,9 @@ def check_combination(architecture, pretraining="random", ss_framework=None, che
                 f"({', '.join(SS_FRAMEWORKS)}) and --checkpoint PATH (e.g. the encoder.pth written by pretrain.py)")
         if ss_framework not in SS_FRAMEWORKS:
             raise UserError(f"unknown --ss-framework '{ss_framework}'; choose from {', '.join(SS_FRAMEWORKS)}")
-        family = "vit" if is_vit(architecture) else "resnet"
-        if family not in SS_FRAMEWORKS[ss_framework]:
-            fits = [a for a in sorted(ARCHITECTURES) if ("vit" if is_vit(a) else "resnet") in SS_FRAMEWORKS[ss_framework]]
+        families = SS_FRAMEWORKS[ss_framework]
+        if _family(architecture) not in families:
+            fits = [a for a in sorted(ARCHITECTURES) if _family(a) in families]
             raise UserError(f"--ss-framework {ss_framework} trains {' or '.join(SS_FRAMEWORKS[ss_framework])} "
                             f"encoders, not {architecture}; use --architecture {' / '.join(fits)}")
     else:

@@ -286,9 +286,12 @@ def test_bad_depth_files(c3vd_root, tmp_path):
     Path(folder, "1_depth.tiff").write_bytes(b"II*\x00garbage")
     os.remove(os.path.join(folder, "2_depth.tiff"))
     Image.fromarray(np.zeros((128, 160), np.uint8)).save(os.path.join(folder, "0_depth.tiff"))
-    msg = _only_error(D.c3vd, root, "test", match="3 bad file")
+    png = Path(root, *D.C3VD_TEST_VIDEOS[1].split("/"), "1_color.png")
+    png.write_bytes(png.read_bytes()[:-200])  # truncated PNG: IEND chunk gone
+    msg = _only_error(D.c3vd, root, "test", match="4 bad file")
     assert "1_depth.tiff: not a readable image" in msg and "2_depth.tiff" in msg and "mode 'L'" in msg
+    assert "1_color.png: not a readable image (file is truncated (no PNG IEND chunk))" in msg
     with pytest.warns(UserWarning):
-        assert len(D.c3vd(root, "test", skip_bad=True)) == 3
+        assert len(D.c3vd(root, "test", skip_bad=True)) == 2
     shutil.rmtree(os.path.join(root, *D.C3VD_VAL_VIDEOS[0].split("/")))
     _only_error(D.c3vd, root, "val", match="t4v1.*not found")

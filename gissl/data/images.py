@@ -139,21 +139,23 @@ def load_depth(path):
     return a.astype(np.float32) * np.float32(DEPTH_MM_PER_UNIT)
 
 
-def _jpeg_complete(path):
-    # A JPEG cut short loses its end-of-image marker; decoders then fill grey silently
-    # (PIL with LOAD_TRUNCATED_IMAGES) or fail late inside a worker. Cameras may append a few
-    # padding bytes after FFD9, so look at the tail rather than the last two bytes only.
+def _tail_has(path, marker, tail=1024):
+    # A JPEG or PNG cut short loses its end marker (JPEG FFD9, PNG IEND chunk); decoders then fill
+    # grey silently (PIL with LOAD_TRUNCATED_IMAGES) or fail late inside a worker. Writers may
+    # append padding after the marker, so look at the tail rather than the last bytes only.
+    # Reading 1 KB per file keeps the up-front check cheap even for C3VD's ~10k large PNGs.
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 1024))
-        return b"\xff\xd9" in f.read()
+        f.seek(max(0, f.tell() - tail))
+        return marker in f.read()
 
 
 def check_image(path):
     """Cheap validity check without a full decode. Returns the display size ``(W, H)``.
 
-    Reads the header, checks that the data the header points to is present (JPEG end marker,
-    PNG chunk CRCs via ``verify``, TIFF strip extents) and raises DataError naming the file.
+    Reads the header and the last kilobyte, checks that the data the header points to is
+    present (JPEG end marker, PNG IEND chunk, TIFF strip extents) and raises DataError naming
+    the file. Corruption inside the data is found when the image is decoded (DataError then).
     """
     try:
         size_on_disk = os.path.getsize(path)
@@ -170,13 +172,12 @@ def check_image(path):
                 offsets = im.tag_v2.get(273) or im.tag_v2.get(324) or ()
                 counts = im.tag_v2.get(279) or im.tag_v2.get(325) or ()
                 ends = [o + c for o, c in zip(offsets, counts)]
-        if fmt == "PNG":  # chunk CRCs; verify() must run on a freshly opened file
-            with Image.open(path) as im:
-                im.verify()
         if any(e > size_on_disk for e in ends):
             raise OSError("file is truncated (image data extends past the end of the file)")
-        if fmt == "JPEG" and not _jpeg_complete(path):
+        if fmt == "JPEG" and not _tail_has(path, b"\xff\xd9"):
             raise OSError("file is truncated (no JPEG end-of-image marker)")
+        if fmt == "PNG" and not _tail_has(path, b"IEND"):
+            raise OSError("file is truncated (no PNG IEND chunk)")
     except Exception as e:
         if isinstance(e, FileNotFoundError):
             raise DataError(f"file not found: {path}") from None

@@ -27,18 +27,21 @@ mis-paired files with one warning listing them, otherwise one ``DataError`` name
 - ``build_detection_datasets(root, fixed_size=None, seed=42, skip_bad=False)`` -- Kvasir-SEG boxes.
   Sample ``{"image": (3,H,W) float in [0,1] (NOT normalised), "target": {"boxes": (n,4) float32
   xyxy, "labels": (n,) int64 (all 1)}, "index", "path", "meta"}``; ``fixed_size=F`` (ViT path,
-  reference F=1024) shrinks images larger than F by an integer factor and zero-pads them centred
-  to F x F; ``meta`` = ``{"orig_size": (h, w), "scale": (sx, sy), "offset": (left, top)}`` and
-  ``unpad_boxes(boxes, meta)`` maps predicted boxes back to original pixels
-  (``pad_boxes`` is its exact inverse).
+  reference F=1024) pads an image larger than F to a multiple of the smallest integer k that
+  fits, shrinks it by exactly 1/k (reference: k=2) and zero-pads it centred to F x F;
+  ``meta`` = ``{"orig_size": (h, w), "size": (h', w'), "k": k, "scale": (1/k, 1/k),
+  "offset": (left, top), "canvas": (Hc, Wc)}`` (x_canvas = x / k + left; exact for val/test,
+  train samples are augmented after scaling). ``unpad_boxes(boxes, meta)`` maps predicted
+  canvas boxes back to original pixels (float32, clipped); ``pad_boxes`` is its exact inverse.
+  Labels: 1 = polyp (0 = background); same file order and split as segmentation on Kvasir.
 - ``build_unlabelled_dataset(root, transform=None, decode_size=None, skip_bad=False)`` -- any
   flat or nested image folder (HyperKvasir unlabelled). ``transform(PIL RGB image)`` is the
   view-transform; the sample is its result when that is a tuple/list of views, else
   ``{"image": result, "index"}``. ``decode_size`` (pixels, short side) enables fast reduced-scale
   JPEG decoding.
 
-Readers (list of dict samples with file paths; validate pairing by name stem and every file's
-header up front):
+Readers (list of dict samples with file paths and ``"size": (W, H)``; validate pairing by name
+stem and every file's header up front):
 
 - ``kvasir_seg(root, skip_bad=False)`` -> ``[{"image", "mask"}]`` (``images/`` + ``masks/``).
 - ``kvasir_boxes(root, skip_bad=False)`` -> ``[{"image", "boxes": (n,4) float32 xyxy}]`` from

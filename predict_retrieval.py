@@ -15,6 +15,7 @@ ImageNet mean / std -> L2-normalised descriptors) that needs neither gissl nor t
     python predict_retrieval.py --query new.jpg --gallery cases/ --save-index cases.npz
     python predict_retrieval.py --query new.jpg --gallery cases.npz
 """
+import argparse
 import json
 import os
 
@@ -145,7 +146,7 @@ def main(args):
     classes = index.label_names
     preds, shares = R.neighbour_vote(neighbour_labels, scores, len(classes) if classes else None,
                                      weighted=args.weighted_vote)
-    out_dir = cli.predictions_dir(argparse_namespace(args, name))
+    out_dir = cli.predictions_dir(argparse.Namespace(**{**vars(args), "dataset": name}))
     os.makedirs(out_dir, exist_ok=True)
     for i, path in enumerate(args.query):
         name_of = (lambda c: classes[c] if classes and c >= 0 else None)
@@ -163,11 +164,6 @@ def main(args):
             json.dump(result, f, indent=2)
         render(result, out_dir / f"{stem}.png")
         print(f"{path}: {result['vote']['sentence']} -> {out_dir / (stem + '.png')}", flush=True)
-
-
-def argparse_namespace(args, dataset):
-    import argparse
-    return argparse.Namespace(**{**vars(args), "dataset": dataset})
 
 
 if __name__ == "__main__":

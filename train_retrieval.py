@@ -39,6 +39,9 @@ def get_args():
                    help="ignore polyp masks: plain random masking (ViT)")
     g.add_argument("--min-scale", dest="min_scale", type=float, default=0.08,
                    help="smallest RandomResizedCrop area fraction of a view (SSCD 0.08)")
+    g.add_argument("--aug-strength", dest="aug_strength", type=float, default=1.0,
+                   help="scales the photometric ranges of the views (1 = SSCD ADVANCED); lower it when "
+                        "colour is what tells your cases apart (the same polyp seen twice keeps its colour)")
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=5.0,
                    help="linear warm-up, then cosine decay per step (EndoFinder: 5 of 100)")
     g.add_argument("--val-root", dest="val_root", default=None,
@@ -71,7 +74,7 @@ def main(args):
     device = dist.init_distributed(args.device)
     root = cli.data_root(args)
     samples = training_samples(args.dataset, root, args.skip_bad_files, use_masks=not args.no_masks)
-    train_set = TwoViewDataset(samples, args.image_size, args.min_scale)
+    train_set = TwoViewDataset(samples, args.image_size, args.min_scale, args.aug_strength)
     twin = twin_set(args.val_root or synthetic_twin_root())
     torch.manual_seed(args.seed)  # eval_retrieval.py --untrained rebuilds this exact init
     model = R.build_model(args, cli.encoder_from_args(args, img_size=args.image_size)).to(device)

@@ -53,11 +53,12 @@ def view_transform(image_size, min_scale=0.08, strength=1.0):
     RandomResizedCrop(scale (min_scale, 1), ratio (3/4, 4/3)). Image only: ColorJitter
     (0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 (PIL radius 1-5 at 224 px,
     i.e. sigma scaled with the size), JPEG quality U(1, 100) p=0.2, ImageNet normalisation.
-    ``strength`` < 1 scales the photometric ranges down (used for synthetic query copies).
+    ``strength`` < 1 scales the photometric ranges (jitter, grey probability, blur) down.
     """
     s = image_size / 224
     j = 0.8 * strength
-    blur = GaussianBlur(max(3, int(10 * s) * 2 + 1), (max(1.0 * s, 0.1), max(5.0 * s * strength, 0.2)))
+    lo = max(1.0 * s, 0.1)
+    blur = GaussianBlur(max(3, int(10 * s) * 2 + 1), (lo, max(5.0 * s * strength, lo)))
     return v2.Compose([
         v2.RandomHorizontalFlip(0.5),
         RandomRotation90s(0.05),
@@ -108,12 +109,12 @@ class TwoViewDataset(Dataset):
     image has no mask: random masking), "has_mask": bool, "index": int}``.
     """
 
-    def __init__(self, samples, image_size=224, min_scale=0.08):
+    def __init__(self, samples, image_size=224, min_scale=0.08, strength=1.0):
         if not samples:
             raise DataError("the retrieval training set is empty")
         self.samples = list(samples)
         self.image_size = image_size
-        self.transform = view_transform(image_size, min_scale)
+        self.transform = view_transform(image_size, min_scale, strength)
 
     def __len__(self):
         return len(self.samples)

@@ -145,3 +145,138 @@ def test_neighbour_vote_majority_ties_and_weights():
     wpred, _ = neighbour_vote(labels, scores, num_classes=3, weighted=True)
     assert wpred[:2].tolist() == [1, 1]  # 1.5 > 1.0 and 0.9 > 0.4
     assert vote_sentence(labels[0], 2, ["a", "b", "adenoma"]) == "2 of 5 nearest cases were adenoma"
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+def _vit(size=64):
+    from gissl.models import build_encoder
+    return build_encoder("vit_t", img_size=size)
+
+
+def test_vit_model_masked_pass_reconstruction_and_descriptor():
+    from gissl.retrieval import RetrievalModel
+    torch.manual_seed(0)
+    model = RetrievalModel(_vit(), dim=32, decoder_dim=32, decoder_depth=1)
+    x = torch.randn(4, 3, 64, 64)
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[:, :, 0:20, 0:20] = 1
+    out = model(x, masks)
+    assert out["z"].shape == (4, 32) and torch.allclose(out["z"].norm(dim=1), torch.ones(4))
+    assert torch.isfinite(out["mse"]) and out["mse"] > 0
+    (out["z"].sum() + out["mse"]).backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad is not None
+    assert model.decoder_pred.weight.grad is not None
+    assert model(x, None)["z"].shape == (4, 32)  # masks are optional: random masking
+    model.eval()
+    d = model.descriptor(x)  # backbone CLS, projection dropped (EndoFinder)
+    assert d.shape == (4, 192)
+    assert torch.allclose(d, torch.nn.functional.normalize(model.encoder(x), dim=1), atol=1e-5)
+    assert model.descriptor(x, use_head=True).shape == (4, 32)
+
+
+def test_resnet_gem_descriptor():
+    from gissl.models import build_encoder
+    from gissl.retrieval import DescriptorModel, RetrievalModel, gem
+    model = RetrievalModel(build_encoder("resnet18"), dim=16).eval()
+    x = torch.rand(2, 3, 64, 64)
+    fmap = model.encoder.forward_features(x)[-1]
+    expected = fmap.clamp(min=1e-6).pow(3).mean(dim=(-2, -1)).pow(1 / 3)
+    assert torch.allclose(gem(fmap), expected, atol=1e-6)
+    assert torch.allclose(model.descriptor(x), torch.nn.functional.normalize(expected, dim=1), atol=1e-5)
+    assert "mse" not in model.train()(x)  # no reconstruction for CNNs
+    model.eval()
+    traced = torch.jit.trace(DescriptorModel(model), x)  # the --export-torchscript module
+    assert torch.allclose(traced(x), model.descriptor(x), atol=1e-5)
+
+
+def test_mixup_cutmix_soft_labels():
+    from gissl.retrieval import mixup_cutmix
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 16, 16)
+    ids = torch.arange(4).repeat(2)
+    mixed, soft = mixup_cutmix(x, ids, 4, prob=1.0, generator=g)
+    assert soft.shape == (8, 4) and torch.allclose(soft.sum(1), torch.ones(8))
+    assert (soft[torch.arange(8), ids] > 0).all()  # still matches its own instance
+    same, hard = mixup_cutmix(x, ids, 4, prob=0.0)
+    assert same is x and torch.equal(hard.argmax(1), ids)
+
+
+def test_two_views_move_image_and_mask_together(tmp_path):
+    """A white square on black with the same square as mask: after every view's flips,
+    rotations and crops the mask still covers the bright pixels."""
+    from PIL import Image
+    from gissl.retrieval_data import TwoViewDataset
+    img = np.zeros((96, 96, 3), np.uint8)
+    img[10:50, 30:70] = 255
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(img[..., 0]).save(tmp_path / "a_mask.png")
+    ds = TwoViewDataset([{"image": str(tmp_path / "a.png"), "mask": str(tmp_path / "a_mask.png")}] * 12,
+                        image_size=32, min_scale=0.3)
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    checked = 0
+    for i in range(12):
+        s = ds[i]
+        assert s["image"].shape == (2, 3, 32, 32) and s["mask"].shape == (2, 1, 32, 32)
+        for v in range(2):
+            m = s["mask"][v, 0] > 0.5
+            grey = (s["image"][v] * std[:, None, None] + mean[:, None, None]).mean(0)
+            if m.sum() < 10 or (~m).sum() < 10:
+                continue
+            # ColorJitter (brightness and contrast down to 0.2) can shrink the contrast to ~0.04;
+            # a mask moved differently from the image would put dark pixels inside it
+            assert grey[m].mean() > grey[~m].mean() + 0.02
+            checked += 1
+    assert checked >= 6
+
+
+# ---- scripts end to end (tiny) -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_train_eval_predict_scripts(tmp_path, monkeypatch):
+    import sys
+    import eval_retrieval
+    import predict_retrieval
+    import train_retrieval
+    from gissl.data.synthetic import generate
+    from gissl.retrieval_data import write_synthetic_twins
+    kvasir = generate("Kvasir", str(tmp_path / "kvasir"), num=10, seed=3)
+    twins = write_synthetic_twins(str(tmp_path / "twins"), kvasir, num_refs=6, num_queries=4,
+                                  num_distractors=2, seed=0)
+    out = str(tmp_path / "models")
+    common = ["--architecture", "vit_t", "--image-size", "32", "--workers", "0", "--output-dir", out,
+              "--decoder-dim", "32", "--decoder-depth", "1", "--device", "cpu"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train_retrieval.py", *common, "--data-root", kvasir, "--val-root", twins,
+                                      "--epochs", "1", "--batch-size", "4"])
+    train_retrieval.main(train_retrieval.get_args())
+    pred_csv = tmp_path / "pred.csv"
+    monkeypatch.setattr(sys, "argv", ["eval_retrieval.py", *common, "--data-root", twins, "--k", "3",
+                                      "--save-predictions", str(pred_csv)])
+    eval_retrieval.main(eval_retrieval.get_args())
+    rows = pred_csv.read_text().splitlines()
+    assert rows[0] == "query,rank,reference,score" and len(rows) == 1 + 6 * 3
+    assert "uAP" in (tmp_path / "eval_results.txt").read_text()
+    gallery = tmp_path / "gallery"
+    for c in ("adenoma", "hyperplastic"):
+        (gallery / c).mkdir(parents=True)
+    refs = sorted((tmp_path / "twins" / "val_ref").iterdir())
+    for i, p in enumerate(refs):
+        (gallery / ("adenoma" if i % 2 else "hyperplastic") / p.name).write_bytes(p.read_bytes())
+    query = str(sorted((tmp_path / "twins" / "val_query").iterdir())[0])
+    monkeypatch.setattr(sys, "argv", ["predict_retrieval.py", *common, "--query", query, "--gallery",
+                                      str(gallery), "--k", "4", "--save-index", str(tmp_path / "g.npz")])
+    predict_retrieval.main(predict_retrieval.get_args())
+    result = __import__("json").loads((tmp_path / "Predictions" / "retrieval-gallery" / "Q0000.json").read_text())
+    assert len(result["neighbours"]) == 4 and result["vote"]["sentence"].endswith(result["vote"]["prediction"])
+    assert (tmp_path / "Predictions" / "retrieval-gallery" / "Q0000.png").is_file()
+    monkeypatch.setattr(sys, "argv", ["predict_retrieval.py", *common, "--query", query, "--gallery",
+                                      str(tmp_path / "g.npz"), "--k", "4"])
+    predict_retrieval.main(predict_retrieval.get_args())
+    again = __import__("json").loads((tmp_path / "Predictions" / "retrieval-g" / "Q0000.json").read_text())
+    assert [n["reference"] for n in again["neighbours"]] == [n["reference"] for n in result["neighbours"]]
+    ts = tmp_path / "desc.pt"
+    monkeypatch.setattr(sys, "argv", ["predict_retrieval.py", *common, "--export-torchscript", str(ts)])
+    predict_retrieval.main(predict_retrieval.get_args())
+    assert torch.jit.load(str(ts))(torch.zeros(1, 3, 32, 32)).shape == (1, 192)

@@ -27,7 +27,7 @@ from gissl.errors import UserError
 from gissl.losses import align_median, align_scale_shift, scale_shift_invariant
 from gissl.metrics import depth_errors
 from gissl import segmentation
-from gissl.segmentation import (add_decoder_argument, build_dpt_model, caption, hstack, loader, picture_label,
+from gissl.segmentation import (add_dense_arguments, build_dpt_model, caption, hstack, loader, picture_label,
                                 predict_logits, selected_positions, text_font)
 
 DATASETS = ("C3VD",)
@@ -46,7 +46,7 @@ _MAGMA = np.array([(0, 0, 4), (28, 16, 68), (79, 18, 123), (129, 37, 129), (181,
 def add_arguments(parser):
     """Depth-only flags."""
     stage = parser.get_default("stage")
-    add_decoder_argument(parser)
+    add_dense_arguments(parser)
     if stage in ("eval", "predict"):
         parser.add_argument("--alignment", default="scale-shift", choices=ALIGNMENTS,
                             help="how a prediction is fitted to the ground truth before measuring: "

@@ -24,26 +24,34 @@ from torchvision.utils import draw_segmentation_masks
 from gissl import cli
 from gissl.classification import eval_loader
 from gissl.engine import autocast, build_optimizer, fit, freeze, make_loader
+from gissl.errors import UserError
 from gissl.losses import soft_dice
 from gissl.metrics import segmentation_scores, summarize_segmentation
 from gissl.models.dpt import DPT, FUSION_CHANNELS
+from gissl.ssl.schedule import warmup_cosine
 
 DATASETS = ("Kvasir", "CVC")
 GT_COLOUR = (255, 214, 0)      # amber outline for the ground truth
 PRED_COLOUR = (0, 200, 83)     # green overlay for the prediction
 
 
-def add_decoder_argument(parser):
-    """``--decoder-channels``: DPT fusion width (shared by the segmentation and depth scripts)."""
+def add_dense_arguments(parser):
+    """Flags shared by the segmentation and depth scripts: ``--decoder-channels`` (all stages)
+    and ``--cosine`` (training)."""
     parser.add_argument("--decoder-channels", dest="decoder_channels", type=int, default=FUSION_CHANNELS,
                         help="width of the DPT fusion blocks (256 = DPT/SSL4GIE); 64 trains several "
                              "times faster on a CPU. Eval/predict need the value used in training")
+    if parser.get_default("stage") == "train":
+        parser.add_argument("--cosine", action="store_true",
+                            help="decay the learning rate per step on a half-cosine to "
+                                 "--learning-rate-scheduler-minimum (instead of SSL4GIE's plateau "
+                                 "scheduler); steadier short runs")
     return parser
 
 
 def add_arguments(parser):
-    """Segmentation-only flags."""
-    add_decoder_argument(parser)
+    """Segmentation flags."""
+    add_dense_arguments(parser)
     if parser.get_default("stage") == "train":
         parser.add_argument("--bce-weight", dest="bce_weight", type=float, default=0.0,
                             help="add this weight × binary cross-entropy to the soft Dice loss "
@@ -71,6 +79,11 @@ def train_dense(args, model, ds, device, compute_losses, validate, metric_mode):
 
     ds: dict(train=, val=) datasets; validate: ``validate(model) -> float`` on the val split.
     Returns fit's result dict."""
+    if args.cosine and args.learning_rate_scheduler:
+        raise UserError("--cosine and --learning-rate-scheduler are two learning-rate schedules; pick one")
+    lr_schedule = None
+    if args.cosine:
+        lr_schedule = warmup_cosine(args.learning_rate, args.epochs, min_lr=args.learning_rate_scheduler_minimum)
     train_loader = make_loader(ds["train"], batch_size=args.batch_size, train=True, workers=args.workers,
                                seed=args.seed, device=device)
     return fit(model, train_loader=train_loader, compute_losses=compute_losses,
@@ -79,7 +92,7 @@ def train_dense(args, model, ds, device, compute_losses, validate, metric_mode):
                epochs=args.epochs, validate=validate, metric_mode=metric_mode,
                lr_scheduler=args.learning_rate_scheduler, lr_min=args.learning_rate_scheduler_minimum,
                accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp,
-               frozen=[model.encoder] if args.frozen else [])
+               frozen=[model.encoder] if args.frozen else [], lr_schedule=lr_schedule)
 
 
 def compute_losses(model, batch, bce_weight=0.0):
@@ -196,7 +209,6 @@ def picture_label(args):
 
 def selected_positions(args, n):
     """Test positions from ``--idx`` (0-based, checked against the split size) or all ``n``."""
-    from gissl.errors import UserError
     idx = getattr(args, "idx_list", None)
     if idx is None:
         return list(range(n))

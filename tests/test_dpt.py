@@ -4,7 +4,7 @@ import torch
 
 from gissl.losses import soft_dice
 from gissl.models import build_encoder
-from gissl.models.dpt import DPT
+from gissl.models.dpt import DPT, DepthHead
 
 
 @pytest.mark.parametrize("arch", ["vit_t", "resnet18"])
@@ -54,3 +54,11 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch():
     with torch.no_grad():
         after = soft_dice(model(x), y).item()
     assert after < before - 0.01, (before, after)
+
+
+def test_depth_head_output_stays_fp32_under_bf16_autocast():
+    head = DepthHead(32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(torch.randn(2, 32, 8, 8), (16, 16))
+    assert out.shape == (2, 1, 16, 16) and out.dtype == torch.float32
+    assert out.unique().numel() > 256  # finer than bf16's 8-bit mantissa could represent

@@ -95,7 +95,7 @@ def _run(module, monkeypatch, argv):
 def test_scripts_end_to_end(kvasir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     flags = MODEL_FLAGS + ["--data-root", str(kvasir)]
-    _run(train_segmentation, monkeypatch, flags + ["--epochs", "1", "--bce-weight", "1"])
+    _run(train_segmentation, monkeypatch, flags + ["--epochs", "1", "--bce-weight", "1", "--cosine"])
     assert (tmp_path / "Trained models/segmentation/resnet18-random_init-frozen_False-dataset_Kvasir.pth").is_file()
     capsys.readouterr()
 

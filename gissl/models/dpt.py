@@ -143,7 +143,12 @@ class DepthHead(nn.Module):
 
     def forward(self, x, size):
         x = F.interpolate(self.conv1(x), size=size, mode="bilinear", align_corners=True)
-        return torch.sigmoid(self.conv3(F.relu(self.conv2(x))))
+        x = F.relu(self.conv2(x))
+        # The last layer runs in fp32 even under autocast: a bf16 sigmoid has ~256 levels in
+        # [0.5, 1], so nearby depths collapse to one value, the scale-and-shift fit of a flat
+        # map is singular (s = t = 0) and the gradient vanishes for good.
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(self.conv3(x.float()))
 
 
 class DPT(nn.Module):

@@ -278,6 +278,7 @@ def test_bad_inputs(kvasir, tmp_path):
     assert any(gone in str(x.message) for x in w)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF")  # PIL, about the garbage TIFF we report
 def test_bad_depth_files(c3vd_root, tmp_path):
     import shutil
     root = str(tmp_path / "c")
@@ -295,3 +296,16 @@ def test_bad_depth_files(c3vd_root, tmp_path):
         assert len(D.c3vd(root, "test", skip_bad=True)) == 2
     shutil.rmtree(os.path.join(root, *D.C3VD_VAL_VIDEOS[0].split("/")))
     _only_error(D.c3vd, root, "val", match="t4v1.*not found")
+
+
+def test_many_files_checked_in_threads(tmp_path):
+    # above 64 files the header checks run in a thread pool: same result, same order, bad named
+    for i in range(80):
+        Image.fromarray(_rgb(8, 8 + i % 3, i)).save(tmp_path / f"{i:03d}.png")
+    Path(tmp_path / "050.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DataError, match="050.png"):
+        D.image_folder(str(tmp_path))
+    with pytest.warns(UserWarning, match="050.png"):
+        samples = D.image_folder(str(tmp_path), skip_bad=True)
+    assert [os.path.basename(s["image"]) for s in samples] == [f"{i:03d}.png" for i in range(80) if i != 50]
+    assert samples[1]["size"] == (9, 8)

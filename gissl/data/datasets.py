@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -102,13 +103,30 @@ def _by_stem(files, bad):
     return stems
 
 
-def _checked(path, bad):
-    """check_image that records the problem in ``bad`` instead of raising; returns size or None."""
+def _check_one(path):
     try:
-        return check_image(path)
+        return check_image(path), None
     except DataError as e:
-        bad.append(str(e))
-        return None
+        return None, str(e)
+
+
+def _check_all(paths):
+    """``check_image`` for many files -> {path: (size or None, problem or None)}. Threads, because
+    the header and tail reads wait on storage (network file systems, 100k HyperKvasir files)."""
+    paths = list(paths)
+    if len(paths) < 64:
+        return {p: _check_one(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(zip(paths, pool.map(_check_one, paths)))
+
+
+def _checked(path, bad, checked=None):
+    """Size of ``path`` from ``checked`` (``_check_all``) or a fresh check; a problem goes to
+    ``bad`` and gives None."""
+    size, problem = checked[path] if checked is not None and path in checked else _check_one(path)
+    if problem:
+        bad.append(problem)
+    return size
 
 
 def _first_existing(root, candidates):
@@ -136,11 +154,13 @@ def image_mask_folders(image_dir, mask_dir, skip_bad=False, what=None):
     bad = []
     image_by, mask_by = _by_stem(images, bad), _by_stem(masks, bad)
     samples = []
+    checked = _check_all([p for st, p in image_by.items() if st in mask_by]
+                         + [p for st, p in mask_by.items() if st in image_by])
     for stem, img in image_by.items():
         if stem not in mask_by:
             bad.append(f"{img}: no mask with the same name in {mask_dir}")
             continue
-        size, msize = _checked(img, bad), _checked(mask_by[stem], bad)
+        size, msize = _checked(img, bad, checked), _checked(mask_by[stem], bad, checked)
         if size is None or msize is None:
             continue
         if size != msize:
@@ -207,12 +227,13 @@ def kvasir_boxes(root, skip_bad=False):
     if not images:
         raise DataError(f"no images found in {base}/images")
     bad, samples = [], []
+    checked = _check_all(img for img in images if _stem(img) in table)
     for img in images:
         entry = table.get(_stem(img))
         if entry is None:
             bad.append(f"{img}: not in {json_path}")
             continue
-        size = _checked(img, bad)
+        size = _checked(img, bad, checked)
         if size is None:
             continue
         w, h = size
@@ -251,7 +272,7 @@ def hyperkvasir_labelled(root, subset, skip_bad=False):
     if subset not in HYPERKVASIR_LAYOUT:
         raise UserError(f"unknown HyperKvasir subset {subset!r}; choose from {', '.join(HYPERKVASIR_LAYOUT)}")
     base = _labelled_images_root(root)
-    bad, samples = [], []
+    bad, listed = [], []
     for label, (tract, category, cls) in enumerate(HYPERKVASIR_LAYOUT[subset]):
         folder = os.path.join(base, tract, category, cls)
         if not os.path.isdir(folder):
@@ -260,10 +281,10 @@ def hyperkvasir_labelled(root, subset, skip_bad=False):
         files = _list_images(folder)
         if not files:
             bad.append(f"{folder}: class folder has no images (class {label} '{cls}')")
-        for f in files:
-            size = _checked(f, bad)
-            if size is not None:
-                samples.append({"image": f, "label": label, "size": size})
+        listed += [(f, label) for f in files]
+    checked = _check_all(f for f, _ in listed)
+    samples = [{"image": f, "label": label, "size": size} for f, label in listed
+               if (size := _checked(f, bad, checked)) is not None]
     report_bad(bad, skip_bad, f"HyperKvasir {subset} at {base}")
     if not samples:
         raise DataError(f"no images for HyperKvasir {subset} under {base}")
@@ -277,15 +298,15 @@ def class_folder(root, skip_bad=False):
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not classes:
         raise DataError(f"no class sub-folders in {root}: expected {root}/<class name>/<images>")
-    bad, samples = [], []
+    bad, listed = [], []
     for label, c in enumerate(classes):
         files = _walk_images(os.path.join(root, c))
         if not files:
             bad.append(f"{os.path.join(root, c)}: class folder has no images")
-        for f in files:
-            size = _checked(f, bad)
-            if size is not None:
-                samples.append({"image": f, "label": label, "size": size})
+        listed += [(f, label) for f in files]
+    checked = _check_all(f for f, _ in listed)
+    samples = [{"image": f, "label": label, "size": size} for f, label in listed
+               if (size := _checked(f, bad, checked)) is not None]
     report_bad(bad, skip_bad, root)
     if not samples:
         raise DataError(f"no images found in {root}")
@@ -296,11 +317,9 @@ def image_folder(root, skip_bad=False):
     """Every image under ``root`` (flat or nested, e.g. HyperKvasir ``unlabeled-images/images``),
     sorted by path. Returns ``[{"image", "size"}]``."""
     _require_dir(root, "image")
-    bad, samples = [], []
-    for f in _walk_images(root):
-        size = _checked(f, bad)
-        if size is not None:
-            samples.append({"image": f, "size": size})
+    bad, files = [], _walk_images(root)
+    checked = _check_all(files)
+    samples = [{"image": f, "size": size} for f in files if (size := _checked(f, bad, checked)) is not None]
     report_bad(bad, skip_bad, root)
     if not samples:
         raise DataError(f"no images found in {root} (looked for {', '.join(('.jpg', '.png', '.bmp', '.tif'))} ...)")
@@ -367,11 +386,12 @@ def c3vd(root, split=None, val_videos=None, test_videos=None, skip_bad=False):
         if not colors:
             bad.append(f"{folder}: no <N>_color.png frames")
         bad += [f"{depths[n]}: depth map without a colour frame" for n in sorted(set(depths) - set(colors))]
+        checked = _check_all([colors[n] for n in colors if n in depths] + [depths[n] for n in depths if n in colors])
         for n in sorted(colors):
             if n not in depths:
                 bad.append(f"{colors[n]}: no matching {n}_depth.tiff")
                 continue
-            size, dsize = _checked(colors[n], bad), _checked(depths[n], bad)
+            size, dsize = _checked(colors[n], bad, checked), _checked(depths[n], bad, checked)
             if size is None or dsize is None:
                 continue
             if size != dsize:

@@ -159,11 +159,9 @@ def check_image(path):
     """
     try:
         size_on_disk = os.path.getsize(path)
-        with warnings.catch_warnings():
-            # PIL warns about e.g. corrupt EXIF blocks; any real problem is raised below instead
-            warnings.simplefilter("ignore", UserWarning)
-            im = Image.open(path)
-        with im:
+        # (no warnings.catch_warnings here to silence PIL's "Corrupt EXIF" warnings: it is not
+        # thread-safe and the readers run this in a thread pool)
+        with Image.open(path) as im:
             w, h = im.size
             fmt = im.format
             swap = _orientation(im) >= 5

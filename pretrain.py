@@ -48,6 +48,9 @@ def get_args():
     g.add_argument("--min-lr", dest="min_lr", type=float, default=0.0, help="lr at the end of the cosine")
     g.add_argument("--optimizer", default=None, choices=["lars", "adamw", "sgd"],
                    help="default: LARS for MoCo v3 ResNet and Barlow Twins, AdamW for ViTs, SGD for SimSiam")
+    g.add_argument("--color-strength", dest="color_strength", type=float, default=1.0,
+                   help="scale of the colour augmentations (jitter, grayscale, solarize): 1 = the paper's, "
+                        "0 = none (keeps colour, which is diagnostic in endoscopy, out of the invariances)")
     g.add_argument("--decode-size", dest="decode_size", type=int, default=None,
                    help="decode JPEGs at reduced scale with this short side (default 2 x --image-size)")
     g.add_argument("--dim", type=int, default=None,
@@ -153,7 +156,7 @@ def main(args):
     device = dist.init_distributed(args.device)
     r = recipe(args.ss_framework, args.arch)
     root = cli.data_root(args)
-    views = VIEWS[args.ss_framework](args.image_size)
+    views = VIEWS[args.ss_framework](args.image_size, color=args.color_strength)
     dataset = build_unlabelled_dataset(root, transform=views, decode_size=args.decode_size or 2 * args.image_size,
                                        skip_bad=args.skip_bad_files)
     per_rank = min(args.batch_size, len(dataset)) // dist.get_world_size()

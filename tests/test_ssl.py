@@ -160,6 +160,10 @@ def test_views_and_schedules():
         views = make(SIZE)(img)
         assert len(views) == (1 if framework == "mae" else 2)
         assert all(v.shape == (3, SIZE, SIZE) and v.dtype == torch.float32 for v in views)
+    # --color-strength 0: no colour transform at all (colour is diagnostic in endoscopy)
+    plain = repr(VIEWS["mocov3"](SIZE, color=0.0).transforms[1])
+    assert "ColorJitter" not in plain and "Grayscale" not in plain and "Solarize" not in plain
+    assert "ColorJitter" in repr(VIEWS["mocov3"](SIZE).transforms[1])
     lr = warmup_cosine(1.0, epochs=10, warmup_epochs=2, min_lr=0.1)
     assert lr(0) == 0 and lr(1) == pytest.approx(0.5) and lr(2) == pytest.approx(1.0)
     assert lr(6) == pytest.approx(0.55) and lr(10) == pytest.approx(0.1)

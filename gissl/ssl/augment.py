@@ -28,41 +28,46 @@ def _blur(image_size, p):
     return v2.RandomApply([GaussianBlur(k, (0.1 * scale, 2.0 * scale))], p=p)
 
 
-def _view(image_size, min_scale, jitter, blur_p, solarize_p=0.0):
+def _view(image_size, min_scale, jitter, blur_p, solarize_p=0.0, color=1.0):
+    # ``color`` scales every colour transform (jitter strengths, grayscale and solarize
+    # probabilities): 1 = the paper, 0 = none. Colour is diagnostic in endoscopy (erythema,
+    # z-line, bleeding), and invariance to it can remove exactly what a task needs.
     steps = [
         v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0),
                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-        v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
     ]
+    if color > 0:
+        b, c, s, h = (j * color for j in jitter)
+        steps += [v2.RandomApply([v2.ColorJitter(b, c, s, min(h, 0.5))], p=0.8),
+                  v2.RandomGrayscale(p=min(0.2 * color, 1.0))]
     if blur_p > 0:
         steps.append(_blur(image_size, blur_p))
-    if solarize_p > 0:
-        steps.append(v2.RandomSolarize(threshold=0.5, p=solarize_p))
+    if solarize_p * color > 0:
+        steps.append(v2.RandomSolarize(threshold=0.5, p=min(solarize_p * color, 1.0)))
     steps.append(normalize())
     return v2.Compose(steps)
 
 
-def byol_views(image_size=224, min_scale=0.08):
+def byol_views(image_size=224, min_scale=0.08, color=1.0):
     """The asymmetric BYOL pair used by MoCo v3 (§4, "we follow BYOL's augmentation") and
     Barlow Twins (§2): crop scale U(0.08, 1), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
     grayscale p=0.2, blur p=1.0 / 0.1, solarize p=0.0 / 0.2."""
     jitter = (0.4, 0.4, 0.2, 0.1)
-    return Views(_view(image_size, min_scale, jitter, 1.0, 0.0),
-                 _view(image_size, min_scale, jitter, 0.1, 0.2))
+    return Views(_view(image_size, min_scale, jitter, 1.0, 0.0, color),
+                 _view(image_size, min_scale, jitter, 0.1, 0.2, color))
 
 
-def simsiam_views(image_size=224, min_scale=0.2):
+def simsiam_views(image_size=224, min_scale=0.2, color=1.0):
     """SimSiam §A (also FPSiam, other-methods.md a.1): two views from one pipeline: crop scale
     U(0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5, flip."""
-    view = _view(image_size, min_scale, (0.4, 0.4, 0.4, 0.1), 0.5)
+    view = _view(image_size, min_scale, (0.4, 0.4, 0.4, 0.1), 0.5, color=color)
     return Views(view, view)
 
 
-def mae_views(image_size=224, min_scale=0.2):
-    """MAE §A.1: one view, crop scale U(0.2, 1) (bicubic) and flip only."""
+def mae_views(image_size=224, min_scale=0.2, color=1.0):
+    """MAE §A.1: one view, crop scale U(0.2, 1) (bicubic) and flip only (``color`` unused)."""
     return Views(v2.Compose([
         v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0),
                              interpolation=v2.InterpolationMode.BICUBIC, antialias=True),

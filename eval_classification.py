@@ -8,8 +8,9 @@ Macro scores average over the classes present in the test split (no ε/ε = 1, s
     python eval_classification.py --architecture resnet18 --dataset Hyperkvasir_anatomical --image-size 64
 """
 from gissl import cli, dist
-from gissl.classification import (check_args, confusion_png, dataset_paths, eval_loader, load_finetuned, predict,
+from gissl.classification import (check_args, confusion_png, dataset_paths, load_finetuned, predict,
                                   task_parser, write_predictions_csv)
+from gissl.engine import make_loader
 from gissl.metrics import classification_metrics, format_per_class
 
 
@@ -21,7 +22,7 @@ def main(args):
     device = dist.resolve_device(args.device)
     ds, classes, model = load_finetuned(args, device)
     test = ds["test"]
-    out = predict(model, eval_loader(test, args.batch_size, args.workers, device), device)
+    out = predict(model, make_loader(test, batch_size=args.batch_size, train=False, workers=args.workers, device=device), device)
     m = classification_metrics(out["targets"], out["preds"], out["probs"], num_classes=len(classes),
                                class_names=classes)
     name = cli.run_name(args)

@@ -8,7 +8,7 @@ training split only and the split can be stratified.
         --image-size 64 --epochs 8 --batch-size 32 --learning-rate 1e-3
 """
 from gissl import cli, dist
-from gissl.classification import (Classifier, build_datasets, check_args, class_weights, eval_loader,
+from gissl.classification import (Classifier, build_datasets, check_args, class_weights,
                                   make_compute_losses, make_validate, task_parser)
 from gissl.engine import build_optimizer, fit, freeze, make_loader
 from gissl.errors import UserError
@@ -40,7 +40,8 @@ def main(args):
               + ", ".join(f"{c}={w:.3g}" for c, w in zip(classes, weights.tolist())), flush=True)
     train_loader = make_loader(ds["train"], batch_size=args.batch_size, train=True, workers=args.workers,
                                seed=args.seed, device=device)
-    val_loader = eval_loader(ds["val"], args.batch_size, args.workers, device)
+    val_loader = make_loader(ds["val"], batch_size=args.batch_size, train=False, workers=args.workers,
+                             device=device)
     optimizer = build_optimizer(model, args.learning_rate, weight_decay=args.weight_decay)
     result = fit(model, train_loader=train_loader, compute_losses=make_compute_losses(weights),
                  optimizer=optimizer, device=device, run_dir=cli.output_dir(args), run_name=cli.run_name(args),

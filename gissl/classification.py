@@ -250,17 +250,6 @@ def dataset_paths(dataset):
     return [os.fspath(s["image"]) for s in dataset.samples]
 
 
-def eval_loader(dataset, batch_size, workers, device):
-    """A loader over **all** of ``dataset`` in order, on this process only.
-
-    Validation runs on rank 0 alone (``gissl.engine.fit``), so it must not get a per-rank
-    shard as ``make_loader`` gives under torchrun; evaluation has no randomness to seed.
-    """
-    from gissl.engine import collate
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate, pin_memory=torch.device(device).type == "cuda")
-
-
 # --------------------------------------------------------------------------- scripts
 
 def task_parser(stage, description, task="classification", **kwargs):

@@ -20,6 +20,7 @@ from gissl.data.datasets import DetectionDataset, build_detection_datasets
 from gissl.data.images import check_image, open_rgb, report_bad
 from gissl.data.splits import split_indices
 from gissl.data.transforms import unpad_boxes
+from gissl.engine import make_loader
 from gissl.errors import DataError, UserError
 from gissl.metrics import coco_map
 from gissl.models import is_vit
@@ -273,9 +274,9 @@ def predict(model, loader, device):
 
 
 def eval_loader(dataset, args, batch_size=1):
-    """In-order loader over a whole split (validation runs on rank 0 only, so no sharding)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                                       num_workers=args.workers, persistent_workers=args.workers > 0)
+    """In-order loader over a whole split with the detection collate (images vary in size)."""
+    return make_loader(dataset, batch_size=batch_size, train=False, workers=args.workers,
+                       collate_fn=collate)
 
 
 def validation_ap(model, loader, device):

@@ -22,7 +22,6 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_segmentation_masks
 
 from gissl import cli
-from gissl.classification import eval_loader
 from gissl.engine import autocast, build_optimizer, fit, freeze, make_loader
 from gissl.errors import UserError
 from gissl.losses import soft_dice
@@ -155,7 +154,7 @@ def datasets(args, original=False):
 
 def loader(dataset, args, device):
     """Ordered loader over all of ``dataset`` for evaluation/prediction (batch ``--batch-size``)."""
-    return eval_loader(dataset, args.batch_size, args.workers, device)
+    return make_loader(dataset, batch_size=args.batch_size, train=False, workers=args.workers, device=device)
 
 
 def load_model(args, device, build=build_segmentation_model):

@@ -102,15 +102,8 @@ class RetrievalModel(nn.Module):
             raise UserError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
         self.head = nn.Linear(encoder.embed_dim, dim)
         if self.is_vit and self.mask_ratio > 0:
-            from gissl.models.vit import Block
-            self.patch_size = encoder.patch_size
-            self.decoder_dim = decoder_dim
-            self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-            self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-            self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-            self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
-            nn.init.normal_(self.mask_token, std=0.02)
+            from gissl.ssl.mae import add_pixel_decoder
+            add_pixel_decoder(self, encoder, decoder_dim, decoder_depth, decoder_heads)
 
     def embed(self, images):
         """Full-image embedding before the projection: (N, 3, H, W) -> (N, embed_dim)."""

@@ -82,6 +82,22 @@ def random_masking(n, length, mask_ratio, device=None, generator=None):
     return ids_shuffle[:, :keep], torch.gather(mask, 1, ids_restore), ids_restore
 
 
+def add_pixel_decoder(module, encoder, decoder_dim, decoder_depth, decoder_heads):
+    """Give ``module`` MAE's pixel decoder (He et al. 2022, §3): ``decoder_embed``,
+    ``mask_token``, ``decoder_blocks``, ``decoder_norm`` and ``decoder_pred`` (one patch of
+    RGB pixels per token), plus ``patch_size`` and ``decoder_dim``. Shared by MAE
+    pretraining and EndoFinder's masked reconstruction; the names are the MAE release's,
+    which the pretrained-weight loader drops when it extracts the encoder."""
+    module.patch_size = encoder.patch_size
+    module.decoder_dim = decoder_dim
+    module.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+    module.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+    module.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+    module.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+    module.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * 3)
+    nn.init.normal_(module.mask_token, std=0.02)
+
+
 class MAE(nn.Module):
     """MAE around a gissl ViT encoder (uses its ``patch_embed``, ``pos_embed_for``,
     ``cls_token``, ``blocks`` and ``norm``).
@@ -101,14 +117,7 @@ class MAE(nn.Module):
         set_sincos_pos_embed(encoder)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.patch_size = encoder.patch_size
-        self.decoder_dim = decoder_dim
-        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
-        nn.init.normal_(self.mask_token, std=0.02)
+        add_pixel_decoder(self, encoder, decoder_dim, decoder_depth, decoder_heads)
         for name, m in self.named_modules():
             if name.startswith("decoder") and isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

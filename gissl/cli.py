@@ -184,11 +184,12 @@ def trained_path(args):
     return output_dir(args) / (run_name(args) + ".pth")
 
 
-def load_trained(model, args):
-    """Load the finetuned weights of this run into ``model`` (strict)."""
+def load_trained(model, args, path=None):
+    """Load the finetuned weights of this run (or of the gissl checkpoint ``path``) into
+    ``model``, strictly; a missing or non-fitting file is a CheckpointError."""
     from gissl.checkpoint import load_file
     from gissl.errors import CheckpointError
-    path = trained_path(args)
+    path = Path(path) if path is not None else trained_path(args)
     if not path.is_file():
         raise CheckpointError(
             f"no finetuned model at '{path}'; train it first with the same flags "

@@ -678,7 +678,6 @@ def load_model(args, device):
     """The descriptor model for eval / predict, in eval mode on ``device``."""
     import argparse
     from gissl import cli
-    from gissl.checkpoint import load_file
     from gissl.models import build_encoder
     torch.manual_seed(args.seed)  # --untrained: the same random init as train_retrieval.py
     if args.untrained:
@@ -686,20 +685,9 @@ def load_model(args, device):
                                 img_size=args.image_size)
         return build_model(args, encoder).to(device).eval()
     model = build_model(args, build_encoder(args.arch, img_size=args.image_size))
-    if args.weights:
-        state = load_file(args.weights)
-        if not isinstance(state, dict) or "model" not in state:
-            raise CheckpointError(f"'{args.weights}' is not a train_retrieval.py checkpoint (no 'model' key)")
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"'{args.weights}' does not fit this model: {str(e).splitlines()[0]} "
-                                  "(same --architecture / --embedding-dim / --mask-ratio / --decoder-* "
-                                  "as in training?)") from None
-    else:
-        named = argparse.Namespace(**vars(args))
-        named.dataset, named.task = args.train_dataset, "retrieval"
-        cli.load_trained(model, named)
+    named = argparse.Namespace(**vars(args))
+    named.dataset, named.task = args.train_dataset, "retrieval"
+    cli.load_trained(model, named, path=args.weights)
     return model.to(device).eval()
 
 

@@ -223,6 +223,20 @@ def set_deterministic():
     torch.backends.cudnn.benchmark = False
 
 
+def seed_everything(seed):
+    """Seed torch, numpy and ``random`` from ``--seed`` before any model is built, so a random
+    initialisation (heads, decoders, a ``--pretraining random`` encoder) is the same on every
+    run and every rank: random-init baselines are reproducible, not one draw per run."""
+    import random
+
+    import numpy as np
+    import torch
+    seed = int(seed or 0)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def run(main, get_args):
     """Run ``main(get_args())``; bad input (UserError) prints one line and exits with 2."""
     from gissl import dist
@@ -231,6 +245,7 @@ def run(main, get_args):
         args = get_args()
         if getattr(args, "deterministic", False):
             set_deterministic()
+        seed_everything(getattr(args, "seed", 0))
         main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

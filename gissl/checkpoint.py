@@ -15,6 +15,9 @@ import torch
 
 from gissl.errors import CheckpointError
 
+# what to do about a file that is cut short or is something else under a checkpoint's name
+_AGAIN = "copy or download it again, or pass the path of the right file"
+
 
 def load_file(path):
     """Load a checkpoint file as plain data (dict of tensors / numbers / strings).
@@ -27,7 +30,8 @@ def load_file(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass the path of a local file")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes); the download or copy was incomplete")
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes); the download or copy was "
+                              f"incomplete: {_AGAIN}")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file as load_safetensors
@@ -44,11 +48,12 @@ def load_file(path):
     # torch.save writes a zip archive ("PK"); very old files are raw pickles (protocol byte 0x80)
     if not (head.startswith(b"PK") or head.startswith(b"\x80")):
         raise CheckpointError(f"cannot read checkpoint '{path}': the file is truncated or is not "
-                              "a PyTorch checkpoint (it is neither a torch.save archive nor a pickle)")
+                              "a PyTorch checkpoint (it is neither a torch.save archive nor a pickle); "
+                              f"{_AGAIN}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line]
+        why = [line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()]
         raise CheckpointError(
             f"refused to load '{path}': it contains Python objects other than tensors and plain "
             f"data, which could run code when unpickled ({why[0] if why else 'not weights-only'}). "
@@ -57,7 +62,12 @@ def load_file(path):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(
             f"cannot read checkpoint '{path}': the file is truncated or is not a PyTorch "
-            f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            f"checkpoint ({type(e).__name__}: {_first_sentence(e)}); {_AGAIN}") from None
+
+
+def _first_sentence(e):
+    # torch's reader errors go on for a paragraph; its first sentence says what failed
+    return (str(e).splitlines() or [""])[0].split(". ")[0]
 
 
 def save_atomic(obj, path):

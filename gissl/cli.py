@@ -88,6 +88,9 @@ def task_parser(task, description, *, stage="train", datasets=(), default_epochs
                        help="clip the global gradient norm to this value")
         t.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.01,
                        help="AdamW weight decay (not applied to norms, biases and tokens)")
+        t.add_argument("--skip-nonfinite", dest="skip_nonfinite", type=int, default=0, metavar="N",
+                       help="skip up to N optimiser steps whose loss is NaN/inf (no update) before "
+                            "stopping, e.g. rare fp16 overflows; 0 stops at the first (exit code 1)")
     if stage == "eval":
         p.add_argument("--print-list", dest="print_list", action="store_true",
                        help="print the per-image scores as a Python list (as SSL4GIE)")
@@ -194,14 +197,13 @@ def load_trained(model, args, path=None):
         raise CheckpointError(
             f"no finetuned model at '{path}'; train it first with the same flags "
             f"(train_{args.task}.py ...), or point --output-dir at the folder that holds it")
+    from gissl.models.pretrained import load_model_state
     state = load_file(path)
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"'{path}' is not a gissl finetuned checkpoint (no 'model' key)")
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"'{path}' does not fit this model: {str(e).splitlines()[0]} "
-                              "(were --architecture/--image-size the same in training?)") from None
+        raise CheckpointError(f"'{path}' is not a gissl finetuned checkpoint (no 'model' key); pass the "
+                              f".pth file that train_{args.task}.py wrote")
+    load_model_state(model, state["model"], path, hint="Use the same --architecture and model flags "
+                     "as in training, or the checkpoint of this model")
     return state
 
 

@@ -68,13 +68,46 @@ def load_pretrained(encoder, path, ss_framework=None):
     if missing or unexpected or misshaped:
         raise CheckpointError(_mismatch_message(encoder, path, prefix, weights, missing, unexpected,
                                                 misshaped, ss_framework))
+    _check_finite(weights, path, "encoder ")
+    encoder.load_state_dict(weights, strict=True)
+    return {"prefix": prefix, "loaded": len(weights), "dropped": dropped}
+
+
+def load_model_state(model, weights, path, hint=""):
+    """``model.load_state_dict(weights)`` (strict) for a whole finetuned model read from ``path``.
+
+    Raises :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys (and the
+    encoder the file holds), or the tensors holding NaN/Inf; ``hint`` ends the message (what to
+    check, e.g. the flags used in training).
+    """
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"'{path}' holds no state dict of tensors under 'model'; it is not a gissl "
+                              "finetuned checkpoint. Pass the .pth file that train_<task>.py wrote")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    misshaped = [f"{k} (file {tuple(weights[k].shape)}, model {tuple(v.shape)})"
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        inner = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+        family, text = describe_state_dict(inner) if inner else (None, "")
+        held = f" its encoder is {text}." if family else ""
+        parts = [f"checkpoint '{path}' does not fit this {type(model).__name__}:{held}"]
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                parts.append(f"{what} keys ({len(keys)}): {_names(keys)}.")
+        raise CheckpointError(" ".join(parts + [hint]).strip())
+    _check_finite(weights, path)
+    model.load_state_dict(weights, strict=True)
+
+
+def _check_finite(weights, path, what=""):
+    """Refuse NaN/Inf weights once at load time (naming the tensors), not as a NaN loss later."""
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(
-            f"checkpoint '{path}' holds NaN/Inf values in {len(bad)} encoder tensor(s) ({_names(bad)}); "
+            f"checkpoint '{path}' holds NaN/Inf values in {len(bad)} {what}tensor(s) ({_names(bad)}); "
             "the run that wrote it diverged. Use an earlier checkpoint of that run")
-    encoder.load_state_dict(weights, strict=True)
-    return {"prefix": prefix, "loaded": len(weights), "dropped": dropped}
 
 
 def describe_state_dict(state):

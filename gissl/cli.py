@@ -239,6 +239,17 @@ def seed_everything(seed):
     random.seed(seed)
 
 
+def user_message(e):
+    """The message of UserError ``e``. One raised in a DataLoader worker (e.g. an image that fails
+    to decode) reaches the main process re-raised by torch with the worker's whole traceback in
+    its message; only the original message, the traceback's last entry, is kept."""
+    text = str(e)
+    if "Original Traceback" in text:
+        marker = f"{type(e).__module__}.{type(e).__qualname__}: "
+        text = text.rsplit(marker, 1)[-1].strip()
+    return text
+
+
 def run(main, get_args):
     """Run ``main(get_args())``; bad input (UserError) prints one line and exits with 2."""
     from gissl import dist
@@ -250,7 +261,7 @@ def run(main, get_args):
         seed_everything(getattr(args, "seed", 0))
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         dist.cleanup()
         sys.exit(2)
     except NonFiniteLossError as e:

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -207,8 +208,11 @@ def kvasir_boxes(root, skip_bad=False):
     ``{"height", "width", "bbox": [{"label", "xmin", "ymin", "xmax", "ymax"}]}``.
 
     Returns ``[{"image", "boxes": (n, 4) float32 xyxy original pixels, "size": (W, H)}]``
-    sorted by file name. Boxes are clipped to the image; an image missing from the JSON, a
-    size different from the JSON's, or an empty/inverted box is reported.
+    sorted by file name. A box reaching past the image border is clipped to the image, with one
+    warning naming the images; an image missing from the JSON, an entry of the wrong shape, a
+    size different from the JSON's, or a box with zero area (also after clipping: a box wholly
+    outside the image) is a bad file (reported; skipped with ``skip_bad``), so no degenerate box
+    ever reaches the detector's loss.
     """
     base = _first_existing(root, {".": ("images",), "Kvasir-SEG": ("images",), "segmented-images": ("images",)})
     if base is None:
@@ -226,7 +230,7 @@ def kvasir_boxes(root, skip_bad=False):
     images = _list_images(os.path.join(base, "images"))
     if not images:
         raise DataError(f"no images found in {base}/images")
-    bad, samples = [], []
+    bad, samples, clipped = [], [], []
     checked = _check_all(img for img in images if _stem(img) in table)
     for img in images:
         entry = table.get(_stem(img))
@@ -238,17 +242,26 @@ def kvasir_boxes(root, skip_bad=False):
             continue
         w, h = size
         try:
+            if not isinstance(entry, dict) or not isinstance(entry.get("bbox", []), list):
+                raise ValueError('expected {"height": H, "width": W, "bbox": [{"xmin": ..., "ymin": ..., '
+                                 f'"xmax": ..., "ymax": ...}}, ...]}}, found {json.dumps(entry)[:80]}')
             if "width" in entry and "height" in entry and (int(entry["width"]), int(entry["height"])) != (w, h):
                 raise ValueError(f"JSON says {entry['width']}x{entry['height']}, image is {w}x{h}")
-            boxes = np.array([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in entry.get("bbox", [])],
-                             dtype=np.float32).reshape(-1, 4)
-            boxes = np.clip(boxes, 0, [w, h, w, h]).astype(np.float32)
+            raw = np.array([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in entry.get("bbox", [])],
+                           dtype=np.float32).reshape(-1, 4)
+            boxes = np.clip(raw, 0, [w, h, w, h]).astype(np.float32)
             if ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
-                raise ValueError(f"empty or inverted box in {boxes.tolist()}")
+                raise ValueError(f"box with zero area (inside the {w}x{h} image, after clipping) in "
+                                 f"{raw.tolist()}")
         except (KeyError, TypeError, ValueError) as e:
-            bad.append(f"{img}: bad entry in {json_path}: {e}")
+            bad.append(f"{img}: bad entry in {json_path}: {e if not isinstance(e, KeyError) else f'no key {e}'}")
             continue
+        if not np.array_equal(boxes, raw):
+            clipped.append(os.path.basename(img))
         samples.append({"image": img, "boxes": boxes, "size": size})
+    if clipped:
+        warnings.warn(f"{json_path}: clipped boxes reaching past the image border of {len(clipped)} image(s): "
+                      f"{', '.join(clipped[:5])}{' ...' if len(clipped) > 5 else ''}", stacklevel=2)
     report_bad(bad, skip_bad, f"Kvasir-SEG boxes at {base}")
     if not samples:
         raise DataError(f"no usable images with boxes in {base}")
@@ -288,7 +301,17 @@ def hyperkvasir_labelled(root, subset, skip_bad=False):
     report_bad(bad, skip_bad, f"HyperKvasir {subset} at {base}")
     if not samples:
         raise DataError(f"no images for HyperKvasir {subset} under {base}")
+    _require_two_classes(samples, HYPERKVASIR_CLASSES[subset], base)
     return samples
+
+
+def _require_two_classes(samples, classes, root):
+    # a classifier of one class learns nothing and scores perfectly: refuse rather than "train"
+    present = sorted({s["label"] for s in samples})
+    if len(present) < 2:
+        names = ", ".join(repr(classes[i]) for i in present)
+        raise DataError(f"only one class has usable images under {root} ({names}); classification needs "
+                        f"images of at least two classes (expected {', '.join(classes)})")
 
 
 def class_folder(root, skip_bad=False):
@@ -310,6 +333,7 @@ def class_folder(root, skip_bad=False):
     report_bad(bad, skip_bad, root)
     if not samples:
         raise DataError(f"no images found in {root}")
+    _require_two_classes(samples, classes, root)
     return samples, classes
 
 
@@ -322,7 +346,8 @@ def image_folder(root, skip_bad=False):
     samples = [{"image": f, "size": size} for f in files if (size := _checked(f, bad, checked)) is not None]
     report_bad(bad, skip_bad, root)
     if not samples:
-        raise DataError(f"no images found in {root} (looked for {', '.join(('.jpg', '.png', '.bmp', '.tif'))} ...)")
+        raise DataError(f"no images found in {root} (looked for {', '.join(('.jpg', '.png', '.bmp', '.tif'))} ...); "
+                        "point --data-root at the folder that holds the images")
     return samples
 
 

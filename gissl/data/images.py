@@ -5,7 +5,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gissl.errors import DataError
 
@@ -23,7 +23,19 @@ def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
 
 
-def _orientation(im):
+def _orientation(im, decode=True):
+    """EXIF orientation of an open image (1 = as stored).
+
+    A PNG may keep its eXIf chunk after the pixel data, and PIL's ``getexif`` then decodes the
+    whole image to reach it: that decode runs here, outside the try, so a broken data stream is
+    reported instead of being taken for a broken EXIF block (PIL would then hand out a partly
+    decoded image without a word). ``decode=False`` (cheap header checks) uses only an eXIf
+    chunk found before the data.
+    """
+    if im.format == "PNG" and "exif" not in im.info:
+        if not decode:
+            return 1
+        im.load()
     try:
         return int(im.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # a broken EXIF block must not make a readable image unreadable
@@ -75,8 +87,10 @@ def open_rgb(path, size=None):
     except DataError:
         raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        raise DataError(f"cannot decode image {path}: {e}; replace or remove the file "
-                        f"(or pass --skip-bad-files)") from None
+        # the up-front checks (check_image, what --skip-bad-files skips) passed this file, so
+        # only replacing or removing it helps
+        raise DataError(f"cannot decode image {path}: {e}; the file is damaged inside: replace or "
+                        f"remove it") from None
 
 
 def _open_oriented(path, size=None, mode=None):
@@ -150,21 +164,37 @@ def _tail_has(path, marker, tail=1024):
         return marker in f.read()
 
 
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+          (b"BM", "BMP"), (b"RIFF", "WebP"), (b"GIF8", "GIF"))
+
+
+def _looks_like(path):
+    """The image format whose signature ``path`` starts with, or None."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
+
+
 def check_image(path):
     """Cheap validity check without a full decode. Returns the display size ``(W, H)``.
 
     Reads the header and the last kilobyte, checks that the data the header points to is
     present (JPEG end marker, PNG IEND chunk, TIFF strip extents) and raises DataError naming
-    the file. Corruption inside the data is found when the image is decoded (DataError then).
+    the file. PNGs also get their chunk checksums verified (a read of the file, no decode: about
+    1 ms for a 1350x1080 C3VD frame, 15x less than decoding it), which finds damage anywhere in
+    the file. Damage inside JPEG or TIFF data is found only if the decoder notices it, when the
+    image is decoded (DataError then, naming the file).
     """
     try:
         size_on_disk = os.path.getsize(path)
+        if size_on_disk == 0:
+            raise OSError("empty file (0 bytes)")
         # (no warnings.catch_warnings here to silence PIL's "Corrupt EXIF" warnings: it is not
         # thread-safe and the readers run this in a thread pool)
         with Image.open(path) as im:
             w, h = im.size
             fmt = im.format
-            swap = _orientation(im) >= 5
+            swap = _orientation(im, decode=False) >= 5
             ends = [t[2] for t in im.tile]
             if fmt == "TIFF":
                 offsets = im.tag_v2.get(273) or im.tag_v2.get(324) or ()
@@ -176,9 +206,15 @@ def check_image(path):
             raise OSError("file is truncated (no JPEG end-of-image marker)")
         if fmt == "PNG" and not _tail_has(path, b"IEND"):
             raise OSError("file is truncated (no PNG IEND chunk)")
+        if fmt == "PNG":
+            with Image.open(path) as im:
+                im.verify()  # chunk CRCs: a damaged data stream otherwise decodes partly, silently
     except Exception as e:
         if isinstance(e, FileNotFoundError):
             raise DataError(f"file not found: {path}") from None
+        if isinstance(e, UnidentifiedImageError) and (fmt := _looks_like(path)):
+            # e.g. a TIFF cut short before its directory (written last): PIL only says "cannot identify"
+            e = f"file is truncated or damaged: it starts as a {fmt} but PIL cannot read it"
         raise DataError(f"{path}: not a readable image ({e})") from None
     if w < 1 or h < 1:
         raise DataError(f"{path}: image has zero size")

@@ -42,7 +42,8 @@ def load_file(path):
         try:
             return load_safetensors(path)
         except Exception as e:
-            raise CheckpointError(f"cannot read safetensors file '{path}': {e}") from None
+            raise CheckpointError(f"cannot read safetensors file '{path}': {e}; it is truncated or not "
+                                  f"a safetensors file: {_AGAIN}") from None
     with open(path, "rb") as f:
         head = f.read(4)
     # torch.save writes a zip archive ("PK"); very old files are raw pickles (protocol byte 0x80)

@@ -152,12 +152,15 @@ def read_coco(root, annotations, skip_bad=False):
     Returns ``(samples, categories)``; each sample ``{"image": path, "size": (W, H), "boxes":
     (n, 4) float32 xyxy, "labels": (n,) int64 in 1..K, "image_id", "crowd_boxes": (c, 4),
     "crowd_labels": (c,), "area": (n,), "crowd_area": (c,)}``. Crowd regions are not trained on
-    but are scored as COCO does (ignored); boxes without width or height are dropped.
+    but are scored as COCO does (ignored); boxes are clipped to the image and those left without
+    width or height are dropped.
     """
     try:
         with open(annotations) as f:
             coco = json.load(f)
         images, anns = coco["images"], coco.get("annotations", [])
+        if not all(isinstance(x, dict) for x in images + anns):
+            raise TypeError("'images' and 'annotations' must be lists of objects")
         categories = sorted(int(c["id"]) for c in coco["categories"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read COCO annotations {annotations}: {e}") from None
@@ -177,9 +180,12 @@ def read_coco(root, annotations, skip_bad=False):
                 x, y, w, h = (float(v) for v in a["bbox"])
                 if a["category_id"] not in label_of:
                     raise ValueError(f"annotation {a.get('id')} has unknown category {a['category_id']}")
-                if w <= 0 or h <= 0:
+                # clip to the image, then drop boxes left without width or height (as torchvision's
+                # references/detection coco_utils): a degenerate box must not reach the losses
+                x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, size[0]), min(y + h, size[1])
+                if x1 <= x0 or y1 <= y0:
                     continue
-                boxes.append([x, y, x + w, y + h])
+                boxes.append([x0, y0, x1, y1])
                 labels.append(label_of[a["category_id"]])
                 areas.append(float(a.get("area", w * h)))
                 crowd.append(bool(a.get("iscrowd", 0)))

@@ -263,3 +263,20 @@ def test_bad_finetuned_weights_in_eval(task, kind, data, finetuned, tmp_path, mo
     assert code == 2 and len(lines) == 1, err
     assert str(path) in lines[0] and re.search(EVAL_KINDS[kind], lines[0]), lines[0]
     assert not marker.exists() and not (tmp_path / "eval_results.txt").exists()
+
+
+def test_bad_safetensors_files(tmp_path):
+    """The same rules for .safetensors: truncated / not one / NaN each give a CheckpointError."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    from gissl.errors import CheckpointError
+    from gissl.models.pretrained import load_pretrained
+    state = {k: v.contiguous() for k, v in build_encoder("resnet18").state_dict().items()}
+    state["bn1.running_var"][0] = float("nan")
+    safetensors.save_file(state, str(tmp_path / "nan.safetensors"))
+    _half(tmp_path / "nan.safetensors", tmp_path / "cut.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    for name, message in (("nan", r"NaN/Inf values in 1 encoder tensor\(s\) \(bn1.running_var\)"),
+                          ("cut", "truncated or not a safetensors file: copy or download it again"),
+                          ("text", "truncated or not a safetensors file")):
+        with pytest.raises(CheckpointError, match=message):
+            load_pretrained(build_encoder("resnet18"), tmp_path / f"{name}.safetensors")

@@ -342,3 +342,46 @@ def test_worker_errors_keep_only_the_original_message():
     assert cli.user_message(e.value) == "cannot decode image /data/0.jpg: broken; replace or remove it"
     assert cli.user_message(DataError("plain\nmessage")) == "plain\nmessage"
 
+
+
+def _coco(root, pristine):
+    """A COCO box file over copies of the Kvasir images (one box per image, category 1)."""
+    table = json.loads((pristine["Kvasir"] / "kavsir_bboxes.json").read_text())
+    shutil.copytree(pristine["Kvasir"] / "images", root)
+    images, anns = [], []
+    for i, (stem, e) in enumerate(sorted(table.items())):
+        images.append({"id": i, "file_name": f"{stem}.jpg", "width": e["width"], "height": e["height"]})
+        b = e["bbox"][0]
+        anns.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0,
+                     "bbox": [b["xmin"], b["ymin"], b["xmax"] - b["xmin"], b["ymax"] - b["ymin"]]})
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "polyp"}]}
+
+
+def test_coco_boxes_clipped_dropped_and_bad_entries_named(pristine, tmp_path):
+    from gissl import detection as det
+    coco = _coco(tmp_path / "images", pristine)
+    w, h = coco["images"][0]["width"], coco["images"][0]["height"]
+    coco["annotations"][0]["bbox"] = [-20, 5, w + 40, 10]        # past both borders: clipped
+    coco["annotations"][1]["bbox"] = [coco["images"][1]["width"] + 5, 5, 30, 30]  # wholly outside: dropped
+    coco["annotations"][2]["category_id"] = 9                    # unknown category: a bad file
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match="1 bad file") as e:
+        det.read_coco(str(tmp_path / "images"), str(path))
+    assert coco["images"][2]["file_name"] in str(e.value) and "unknown category 9" in str(e.value)
+    with pytest.warns(UserWarning, match="skipping 1 bad"):
+        samples, _ = det.read_coco(str(tmp_path / "images"), str(path), skip_bad=True)
+    by_id = {s["image_id"]: s for s in samples}
+    assert by_id[0]["boxes"].tolist() == [[0, 5, w, 15]] and len(by_id[1]["boxes"]) == 0 and 2 not in by_id
+
+
+@pytest.mark.parametrize("content", [[], {"images": ["a.jpg"], "categories": [{"id": 1}]}, {"images": []}])
+def test_coco_json_of_the_wrong_shape(content, pristine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(content))
+    code, _, err = run_script("train_detection.py", SMALL + ["--architecture", "resnet18", "--dataset", "coco",
+                                                             "--annotations", path, "--data-root", tmp_path,
+                                                             "--output-dir", tmp_path / "out"])
+    assert code == 2 and len(error_lines(err)) == 1 and f"cannot read COCO annotations {path}" in err, err
+    assert_nothing_written(tmp_path / "out")

@@ -158,12 +158,15 @@ def read_coco(root, annotations, skip_bad=False):
     try:
         with open(annotations) as f:
             coco = json.load(f)
+        if not isinstance(coco, dict):
+            raise TypeError("the top level is not an object with 'images', 'annotations', 'categories'")
         images, anns = coco["images"], coco.get("annotations", [])
         if not all(isinstance(x, dict) for x in images + anns):
             raise TypeError("'images' and 'annotations' must be lists of objects")
         categories = sorted(int(c["id"]) for c in coco["categories"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"cannot read COCO annotations {annotations}: {e}") from None
+        raise DataError(f"cannot read COCO annotations {annotations}: "
+                        f"{f'no key {e}' if isinstance(e, KeyError) else e}") from None
     if not categories:
         raise DataError(f"{annotations} lists no categories")
     label_of = {c: i + 1 for i, c in enumerate(categories)}

@@ -375,13 +375,17 @@ def test_coco_boxes_clipped_dropped_and_bad_entries_named(pristine, tmp_path):
     assert by_id[0]["boxes"].tolist() == [[0, 5, w, 15]] and len(by_id[1]["boxes"]) == 0 and 2 not in by_id
 
 
-@pytest.mark.parametrize("content", [[], {"images": ["a.jpg"], "categories": [{"id": 1}]}, {"images": []}])
-def test_coco_json_of_the_wrong_shape(content, pristine, tmp_path, monkeypatch):
+@pytest.mark.parametrize("content, problem", [
+    ([], "the top level is not an object with 'images'"),
+    ({"images": ["a.jpg"], "categories": [{"id": 1}]}, "'images' and 'annotations' must be lists of objects"),
+    ({"images": []}, "no key 'categories'"),
+])
+def test_coco_json_of_the_wrong_shape(content, problem, pristine, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(content))
     code, _, err = run_script("train_detection.py", SMALL + ["--architecture", "resnet18", "--dataset", "coco",
                                                              "--annotations", path, "--data-root", tmp_path,
                                                              "--output-dir", tmp_path / "out"])
-    assert code == 2 and len(error_lines(err)) == 1 and f"cannot read COCO annotations {path}" in err, err
+    assert code == 2 and len(error_lines(err)) == 1 and f"cannot read COCO annotations {path}: {problem}" in err, err
     assert_nothing_written(tmp_path / "out")

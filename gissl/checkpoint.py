@@ -71,17 +71,27 @@ def _first_sentence(e):
     return (str(e).splitlines() or [""])[0].split(". ")[0]
 
 
-def save_atomic(obj, path):
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+def save_atomic(obj, path, before_replace=None):
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    Readers see either the previous file or the complete new one, never a partial file:
+    a crash or a full disk leaves ``path`` as it was. A failed write removes its temporary
+    file; one left by a killed process is named ``.tmp-<file name>-<random>`` (no ``.pth``
+    ending, so it is never mistaken for a checkpoint) and :func:`gissl.engine.fit` removes
+    those of its own run. ``before_replace(tmp_path)``, if given, runs just before the
+    rename (tests inject crashes there).
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

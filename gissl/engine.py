@@ -7,11 +7,14 @@ identical on every rank, ``best`` and ``last`` checkpoints written atomically, a
 resume from ``last``, a progress bar and per-epoch logs (text as SSL4GIE, plus JSON lines).
 """
 import contextlib
+import functools
 import json
 import math
 import os
 import random
+import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -266,18 +269,59 @@ def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
 
 # --------------------------------------------------------------------------- training
 
-def _check_finite(losses, total, epoch, step):
-    if not torch.isfinite(total):
+class NonFiniteGuard:
+    """What a non-finite loss does: skip the optimiser step (gradients zeroed, no update,
+    counted) up to ``limit`` times per run, then stop with :class:`NonFiniteLossError`
+    naming the step. ``limit=0`` stops at the first one.
+
+    Checking reads the loss back to the host. That is free on CPU, so there every step is
+    checked; on a GPU it would stall the launch queue every step, so with ``limit=0`` only
+    logging steps (and the last of an epoch) are checked and the error gives the range of
+    steps in which the loss went bad. A ``limit > 0`` checks every step everywhere.
+    """
+
+    def __init__(self, limit=0, device="cpu", skipped=0):
+        self.limit, self.skipped = int(limit), int(skipped)
+        self.every_step = self.limit > 0 or torch.device(device).type == "cpu"
+        self.last_good = 0  # the last optimiser step whose loss was checked and finite
+
+    def bad(self, total, step):
+        """True when ``total`` is non-finite (one host sync); remembers the last good step."""
+        if bool(torch.isfinite(total)):
+            self.last_good = step
+            return False
+        return True
+
+    def agree(self, bad):
+        # under DDP every rank must skip the same steps or their weights would diverge
+        if self.limit > 0 and dist.is_dist():
+            bad = float(dist.all_reduce_sum(torch.tensor([float(bad)], device=_comm_device()))) > 0
+        return bad
+
+    def fail(self, losses, epoch, step, batch, n_batches):
         terms = ", ".join(f"{k}={v.detach().float().item():.4g}" for k, v in losses.items())
+        where = f"epoch {epoch}, step {step}, batch {batch}/{n_batches}"
+        if not self.every_step and step - self.last_good > 1:
+            where += (f"; on GPU the loss is only checked at logging steps, so it became non-finite "
+                      f"between steps {self.last_good + 1} and {step} (--skip-nonfinite N checks "
+                      "every step)")
+        if self.limit:
+            where += f"; {self.skipped} step(s) were already skipped, the --skip-nonfinite limit"
         raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, step {step} ({terms}); the last good checkpoint "
-            "is kept. Lower --learning-rate, or try --no-amp if this happens under fp16")
+            f"non-finite loss at {where} ({terms}); the last good checkpoint is kept. Lower "
+            "--learning-rate, or try --no-amp (or --skip-nonfinite N for rare fp16 overflows)")
+
+
+def _comm_device():
+    if dist.is_dist() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, scaler=None,
                     amp=True, accum_iter=1, clip_grad=None, frozen=(), lr_schedule=None,
                     after_step=None, global_step=0, log_every=10, show_progress=True,
-                    resume=None, should_stop=None):
+                    resume=None, should_stop=None, nonfinite=None, fault=None):
     """One pass over ``loader``. Returns ``(mean_losses, global_step, stopped)``.
 
     The loss is divided by ``accum_iter`` and the optimiser steps every ``accum_iter``
@@ -286,8 +330,14 @@ def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, 
     ``resume`` (``{"batches_done", "sums", "count"}``) continues a partly done epoch whose
     loader already skips those batches. ``should_stop(global_step)`` is asked after each
     optimiser step; when it says yes the pass ends there and ``stopped`` holds the
-    ``resume`` dict for this point (``None`` when the epoch completed).
+    ``resume`` dict for this point (``None`` when the epoch completed). ``nonfinite``: a
+    :class:`NonFiniteGuard` (default: stop at the first non-finite loss). ``fault``: test-only
+    crash injection (:class:`_Fault`).
     """
+    if nonfinite is None:
+        nonfinite = NonFiniteGuard(0, device)
+        nonfinite.last_good = global_step
+    guard = nonfinite
     set_train_mode(model, frozen)
     bare = model.module if hasattr(model, "module") else model
     done = resume["batches_done"] if resume else 0
@@ -299,58 +349,78 @@ def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, 
         bar = tqdm(total=n_batches, initial=done, desc=f"epoch {epoch}", leave=False,
                    dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
-    stopped = None
-    for j, batch in enumerate(loader, start=done):
-        if lr_schedule is not None:
-            lr = lr_schedule(epoch - 1 + j / n_batches)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-        batch = move_to(batch, device)
-        last_of_group = (j + 1) % accum_iter == 0 or j + 1 == n_batches
-        no_sync = hasattr(model, "no_sync") and not last_of_group
-        with (model.no_sync() if no_sync else contextlib.nullcontext()):
-            with autocast(device, amp):
-                losses = compute_losses(model, batch)
-                total = sum(losses.values())
-            # the check needs the value on the host: only at logging steps and the last
-            # step, so the hot loop has no per-step device sync
-            if j % log_every == 0 or j + 1 == n_batches:
-                _check_finite(losses, total, epoch, global_step + 1)
-            # divide by the group's real length so a last partial group is a true mean
-            group_len = min(accum_iter, n_batches - (j // accum_iter) * accum_iter)
-            scaled = total / group_len
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        count += 1
-        if last_of_group:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            if after_step is not None:
-                after_step(bare, global_step)
+    stopped, group_bad = None, False
+    try:  # close the bar on errors too, so the error message starts on its own line
+        for j, batch in enumerate(loader, start=done):
+            if lr_schedule is not None:
+                lr = lr_schedule(epoch - 1 + j / n_batches)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+            batch = move_to(batch, device)
+            last_of_group = (j + 1) % accum_iter == 0 or j + 1 == n_batches
+            no_sync = hasattr(model, "no_sync") and not last_of_group
+            with (model.no_sync() if no_sync else contextlib.nullcontext()):
+                with autocast(device, amp):
+                    losses = compute_losses(model, batch)
+                    total = sum(losses.values())
+                bad = ((guard.every_step or j % log_every == 0 or j + 1 == n_batches)
+                       and guard.bad(total, global_step + 1))
+                if bad and not guard.limit:
+                    guard.fail(losses, epoch, global_step + 1, j + 1, n_batches)
+                group_bad = group_bad or bad
+                # divide by the group's real length so a last partial group is a true mean
+                group_len = min(accum_iter, n_batches - (j // accum_iter) * accum_iter)
+                scaled = total / group_len
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            if not bad:  # a skipped batch would make the epoch mean NaN
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                count += 1
+            if last_of_group and guard.agree(group_bad):
+                if guard.skipped >= guard.limit:
+                    guard.fail(losses, epoch, global_step + 1, j + 1, n_batches)
+                guard.skipped += 1
+                if dist.is_main_process():
+                    (tqdm.write if bar is not None else print)(
+                        f"warning: non-finite loss at epoch {epoch}, step {global_step + 1}: step "
+                        f"skipped ({guard.skipped} of --skip-nonfinite {guard.limit})", file=sys.stderr)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:  # as GradScaler does for inf gradients: lower the scale
+                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                global_step += 1
+            elif last_of_group:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if clip_grad:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                if after_step is not None:
+                    after_step(bare, global_step)
+            if last_of_group:
+                group_bad = False
+                if fault is not None:
+                    fault.after_step(global_step)
+            if bar is not None:
+                bar.update(1)
+                if j % log_every == 0:
+                    bar.set_postfix(loss=f"{float(total.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if last_of_group and j + 1 < n_batches and should_stop is not None and should_stop(global_step):
+                stopped = {"batches_done": j + 1, "count": count,
+                           "sums": {k: float(v) for k, v in sums.items()}}
+                break
+    finally:
         if bar is not None:
-            bar.update(1)
-            if j % log_every == 0:
-                bar.set_postfix(loss=f"{float(total.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if last_of_group and j + 1 < n_batches and should_stop is not None and should_stop(global_step):
-            stopped = {"batches_done": j + 1, "count": count,
-                       "sums": {k: float(v) for k, v in sums.items()}}
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()
     if stopped is not None:
         return {}, global_step, stopped
     # one host sync per epoch: the mean of every term over batches and ranks
@@ -411,6 +481,75 @@ class _StopSignals:
         return bool(flag.item())
 
 
+class _Fault:
+    """Test-only crash injection for tests/test_reliability.py, read from ``GISSL_FAULT``.
+    Outside those tests the variable is unset and :meth:`from_env` returns ``None``, so the
+    training loop pays one ``is None`` test per step.
+
+    ``kill_after_step:N[:SIG]``  send SIG (``KILL`` by default; ``TERM``, ``INT``) to this
+                                 process after optimiser step N (counted over the whole run)
+    ``raise_after_step:N``       raise RuntimeError after optimiser step N
+    ``kill_in_save:N``           in this process's N-th checkpoint write, cut the temporary
+                                 file to half its length and SIGKILL the process before the rename
+    ``<fault>@R``                only on rank R
+    """
+
+    def __init__(self, action, n, sig):
+        self.action, self.n, self.sig, self.saves = action, n, sig, 0
+
+    @classmethod
+    def from_env(cls):
+        spec = os.environ.get("GISSL_FAULT")
+        if not spec:
+            return None
+        spec, _, rank = spec.partition("@")
+        if rank and int(rank) != dist.get_rank():
+            return None
+        action, n, *sig = spec.split(":")
+        return cls(action, int(n), sig[0] if sig else "KILL")
+
+    def after_step(self, global_step):
+        if global_step != self.n:
+            return
+        if self.action == "kill_after_step":
+            os.kill(os.getpid(), getattr(signal, "SIG" + self.sig))
+        elif self.action == "raise_after_step":
+            raise RuntimeError(f"injected fault (GISSL_FAULT) on rank {dist.get_rank()} "
+                               f"after step {global_step}")
+
+    def before_replace(self, tmp):
+        self.saves += 1
+        if self.action == "kill_in_save" and self.saves == self.n:
+            with open(tmp, "r+b") as f:
+                f.truncate(os.path.getsize(tmp) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save(state, path, fault=None):
+    """:func:`save_atomic`, with a full disk or a lost folder turned into a clear error."""
+    try:
+        save_atomic(state, path, before_replace=fault.before_replace if fault is not None else None)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint '{path}' ({e.strerror or e}); the previous "
+                        "checkpoint is unchanged. Free some space (or choose another --output-dir) "
+                        "and re-run the same command to resume") from None
+
+
+def _report_rank_failure(fn):
+    """Under torchrun, name the rank in the error before it propagates: the launcher stops
+    every other rank, whose own (secondary) errors would otherwise bury the cause."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if dist.is_dist() and not isinstance(e, TrainingInterrupted):
+                print(f"[rank {dist.get_rank()}/{dist.get_world_size()}] training failed: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            raise
+    return wrapper
+
+
 class RunFiles:
     """Paths of one training run: ``<dir>/<name>.pth`` (best), ``.last.pth``, ``.txt``, ``.jsonl``."""
 
@@ -433,6 +572,30 @@ class RunFiles:
             raise UserError(f"cannot write to output folder '{self.dir}' ({e.strerror}); "
                             "choose another with --output-dir") from None
 
+    def check_space(self, model):
+        """Fail before training when the folder cannot hold the checkpoints: each write
+        needs room for a complete new file beside the previous one (which is kept until
+        the new one is complete). The size is estimated as the model's state plus two
+        tensors per trainable parameter (AdamW's moments)."""
+        need_one = sum(t.numel() * t.element_size() for t in model.state_dict().values()
+                       if torch.is_tensor(t))
+        need_one += 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        exist = [os.path.exists(p) for p in (self.best, self.last)]
+        need = need_one * ((2 - sum(exist)) + any(exist))
+        free = shutil.disk_usage(self.dir).free
+        if free < need:
+            raise UserError(f"only {free / 2**20:.0f} MiB free in '{self.dir}', but this run's "
+                            f"checkpoints need about {need / 2**20:.0f} MiB; free some space or "
+                            "choose another --output-dir")
+
+    def remove_stale_temporaries(self):
+        """Delete temporary files of this run left by a process killed while saving."""
+        prefixes = tuple(f".tmp-{os.path.basename(p)}-" for p in (self.best, self.last))
+        stale = [f for f in os.listdir(self.dir) if f.startswith(prefixes)]
+        for f in stale:
+            os.remove(os.path.join(self.dir, f))
+        return stale
+
 
 def _make_scheduler(optimizer, metric_mode, lr_min):
     # ReduceLROnPlateau as the reference: factor 0.5, patience 10, min 1e-6 (ssl4gie.md §4.1)
@@ -447,10 +610,12 @@ def _better(value, best, mode):
     return value > best if mode == "max" else value < best
 
 
+@_report_rank_failure
 def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_name, args,
         epochs, validate=None, metric_mode="max", lr_scheduler=False, lr_min=1e-6,
         accum_iter=1, clip_grad=None, amp=True, frozen=(), lr_schedule=None, after_step=None,
-        log_every=10, find_unused_parameters=False, extra_state=None, show_progress=True):
+        log_every=10, find_unused_parameters=False, extra_state=None, show_progress=True,
+        skip_nonfinite=None):
     """Train ``model`` for ``epochs`` epochs, resuming from ``<run_name>.last.pth`` if present.
 
     ``model`` is the bare module, already on ``device``; under torchrun it is wrapped in
@@ -460,13 +625,28 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     drives the plateau scheduler, which every rank steps with the same broadcast value.
     ``extra_state``: optional ``(get() -> dict, set(dict))`` pair saved in checkpoints.
     SIGTERM/SIGINT save a resumable ``last`` checkpoint at the next optimiser step and
-    raise :class:`TrainingInterrupted`.
+    raise :class:`TrainingInterrupted`. ``skip_nonfinite`` (default: ``args.skip_nonfinite``,
+    else 0): how many optimiser steps with a non-finite loss may be skipped over the whole
+    run before it stops (:class:`NonFiniteGuard`). Before any training the output folder
+    is checked for write access and room for the checkpoints (UserError otherwise).
 
     Returns a dict with ``best_metric``, ``best_epoch``, ``epochs_run``, ``best_path``,
     ``last_path`` and ``history`` (one dict per epoch run in this call).
     """
     files = RunFiles(run_dir, run_name)
     files.check_writable()
+    args_dict = dict(args) if isinstance(args, dict) else dict(vars(args))
+    if skip_nonfinite is None:
+        skip_nonfinite = int(args_dict.get("skip_nonfinite", 0) or 0)
+    if skip_nonfinite < 0:
+        raise UserError(f"--skip-nonfinite {skip_nonfinite} must be 0 or more")
+    fault = _Fault.from_env()
+    if dist.is_main_process():
+        files.check_space(model)
+        stale = files.remove_stale_temporaries()
+        if stale:
+            print(f"Removed {len(stale)} temporary file(s) left by an interrupted save in "
+                  f"'{files.dir}'", flush=True)
     bare = model
     if dist.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -475,7 +655,6 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     dtype = amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(torch.device(device).type) if dtype == torch.float16 else None
     scheduler = _make_scheduler(optimizer, metric_mode, lr_min) if (lr_scheduler and validate) else None
-    args_dict = dict(args) if isinstance(args, dict) else dict(vars(args))
     seed = int(args_dict.get("seed", 0) or 0)
 
     def snapshot(epoch, best, best_epoch, global_step, partial=None):
@@ -484,9 +663,11 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "epoch": epoch, "best_metric": best, "best_epoch": best_epoch,
                 "global_step": global_step, "partial": partial, "args": args_dict,
-                "extra": extra_state[0]() if extra_state is not None else None}
+                "extra": extra_state[0]() if extra_state is not None else None,
+                "nonfinite_skipped": guard.skipped}
 
     start_epoch, best, best_epoch, global_step, partial = 1, None, None, 0, None
+    guard = NonFiniteGuard(skip_nonfinite, device)
     if os.path.exists(files.last):
         state = load_file(files.last)
         try:
@@ -506,6 +687,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
         best, best_epoch = state.get("best_metric"), state.get("best_epoch")
         global_step = int(state.get("global_step", 0))
         partial = state.get("partial")
+        guard.skipped = int(state.get("nonfinite_skipped", 0) or 0)
+        guard.last_good = global_step
         set_rng_state(state["rng"][min(dist.get_rank(), len(state["rng"]) - 1)])
         if dist.is_main_process():
             where = (f"epoch {start_epoch}, batch {partial['batches_done']}" if partial
@@ -535,14 +718,14 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
                 scaler=scaler, amp=amp, accum_iter=accum_iter, clip_grad=clip_grad, frozen=frozen,
                 lr_schedule=lr_schedule, after_step=after_step, global_step=global_step,
                 log_every=log_every, show_progress=show_progress, resume=partial,
-                should_stop=stop)
+                should_stop=stop, nonfinite=guard, fault=fault)
             partial = None
             if stopped is not None:
                 rngs = _gather_rng()
                 if dist.is_main_process():
                     state = snapshot(epoch - 1, best, best_epoch, global_step, partial=stopped)
                     state["rng"] = rngs
-                    save_atomic(state, files.last)
+                    _save(state, files.last, fault)
                     _append(files.log, f"Interrupted by signal {stop.signum} in epoch {epoch} "
                                        f"after batch {stopped['batches_done']}; saved {files.last}")
                 dist.barrier()
@@ -581,10 +764,12 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
             if dist.is_main_process():
                 state = snapshot(epoch, best, best_epoch, global_step)
                 state["rng"] = rngs
+                # best before last: a crash between the two leaves ``last`` one epoch
+                # behind, so the resumed run redoes this epoch and rewrites ``best`` too
                 if improved:
-                    save_atomic(state, files.best)
+                    _save(state, files.best, fault)
                     lines.append("Saving...")
-                save_atomic(state, files.last)
+                _save(state, files.last, fault)
                 for line in lines:
                     print(line, flush=True)
                 _append(files.log, "\n".join(lines))

@@ -148,7 +148,7 @@ def test_bad_pretrained_checkpoint_stops_before_training(entry, kind, data, bad_
     assert not bad_files["marker"].exists()  # the pickle's code never ran
 
 
-def test_vit_checkpoint_of_another_width(data, tmp_path):
+def test_vit_checkpoint_of_another_width(data, tmp_path, monkeypatch):
     """A ViT-S file for --architecture vit_t (MAE pretraining continued from it)."""
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "vit_s.pth"

@@ -62,7 +62,7 @@ def eval_copy_detection(args, model, device):
     root = args.data_root or synthetic_twin_root()
     if not args.data_root:
         print(f"No --data-root given: using the built-in synthetic query/reference set at {root}", flush=True)
-    twin = twin_set(root)
+    twin = twin_set(root, args.skip_bad_files)
     metrics, (q, r, s, rank) = R.copy_detection_eval(
         model, twin, image_size=args.image_size, batch_size=args.batch_size, device=device, k=args.k,
         workers=args.workers, use_head=args.use_head, postprocess=R.make_postprocess(args, model, device),

@@ -75,7 +75,7 @@ def main(args):
     root = cli.data_root(args)
     samples = training_samples(args.dataset, root, args.skip_bad_files, use_masks=not args.no_masks)
     train_set = TwoViewDataset(samples, args.image_size, args.min_scale, args.aug_strength)
-    twin = twin_set(args.val_root or synthetic_twin_root())
+    twin = twin_set(args.val_root or synthetic_twin_root(), args.skip_bad_files)
     torch.manual_seed(args.seed)  # eval_retrieval.py --untrained rebuilds this exact init
     model = R.build_model(args, cli.encoder_from_args(args, img_size=args.image_size)).to(device)
     # EndoFinder: absolute lr = 1e-3 x effective batch / 256, AdamW betas (0.9, 0.95), wd 0.05

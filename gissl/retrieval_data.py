@@ -224,10 +224,10 @@ def synthetic_twin_root(num_refs=120, num_queries=60, num_distractors=20, seed=1
     return final
 
 
-def twin_set(root):
-    """``polyp_twin(root)`` as ids: ``{"queries": [paths], "references": [paths],
+def twin_set(root, skip_bad=False):
+    """``polyp_twin(root, skip_bad)`` as ids: ``{"queries": [paths], "references": [paths],
     "query_ids": [stems], "reference_ids": [stems], "matches": [(query stem, ref stem)]}``."""
-    data = polyp_twin(root)
+    data = polyp_twin(root, skip_bad)
     stem = lambda p: os.path.splitext(os.path.basename(p))[0]  # noqa: E731
     if not data["matches"]:
         raise DataError(f"{root}/val_groundtruth_matches.csv is missing or lists no pairs; the "

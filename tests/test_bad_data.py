@@ -389,3 +389,23 @@ def test_coco_json_of_the_wrong_shape(content, problem, pristine, tmp_path, monk
                                                              "--output-dir", tmp_path / "out"])
     assert code == 2 and len(error_lines(err)) == 1 and f"cannot read COCO annotations {path}: {problem}" in err, err
     assert_nothing_written(tmp_path / "out")
+
+
+def test_unreadable_retrieval_validation_image(pristine, tmp_path, monkeypatch):
+    """train_retrieval validates on --val-root after every epoch: its images are checked up front
+    too, and --skip-bad-files drops a bad one together with its ground-truth matches."""
+    monkeypatch.chdir(tmp_path)
+    twin = copy(pristine, "twin", tmp_path)
+    bad = twin / "val_ref" / "R0001.jpg"
+    BREAK["truncated"](bad)
+    kvasir = pristine["Kvasir"]
+    script = ENTRY_POINTS["retrieval"][0]
+    argv = SMALL + ["--architecture", "resnet18", "--dataset", "Kvasir", "--data-root", kvasir, "--val-root", twin,
+                    "--output-dir", tmp_path / "out"]
+    code, _, err = run_script(script, argv)
+    assert code == 2 and len(error_lines(err)) == 1 and f"{bad}: not a readable image" in err, err
+    assert_nothing_written(tmp_path / "out")
+    with pytest.warns(UserWarning, match="skipping 1 bad"):
+        data = D.polyp_twin(str(twin), skip_bad=True)
+    assert str(bad) not in data["references"] and len(data["references"]) == 3
+    assert [(Path(q).stem, Path(r).stem) for q, r in data["matches"]] == [("Q0000", "R0000")]

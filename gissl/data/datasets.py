@@ -434,29 +434,39 @@ def c3vd(root, split=None, val_videos=None, test_videos=None, skip_bad=False):
     return samples
 
 
-def polyp_twin(root):
+def polyp_twin(root, skip_bad=False):
     """EndoFinder's retrieval evaluation layout (endofinder.md §1.9): ``root/val_query/``,
     ``root/val_ref/``, ``root/val_groundtruth_matches.csv`` (``Qxxxx,Ryyyy`` lines, optional
     header). Returns ``{"queries": [paths], "references": [paths], "matches": [(query_path,
-    reference_path)]}``; a CSV id without a file is an error."""
+    reference_path)]}``; a CSV id without a file and an unreadable image are errors (checked
+    here, before any training: train_retrieval validates on this set after every epoch);
+    ``skip_bad`` drops the unreadable images and the matches that name them."""
     qdir, rdir = (_require_dir(os.path.join(root, d), "Polyp-Twin " + d) for d in ("val_query", "val_ref"))
     queries, refs = _list_images(qdir), _list_images(rdir)
+    bad = []
+    checked = _check_all(queries + refs)
+    unreadable = {p for p in queries + refs if _checked(p, bad, checked) is None}
+    queries, refs = [p for p in queries if p not in unreadable], [p for p in refs if p not in unreadable]
     if not queries or not refs:
+        report_bad(bad, skip_bad, f"Polyp-Twin at {root}")
         raise DataError(f"Polyp-Twin at {root}: val_query/ and val_ref/ must both contain images")
     qs, rs = {_stem(p): p for p in queries}, {_stem(p): p for p in refs}
+    gone = {_stem(p) for p in unreadable}
     csv_path = os.path.join(root, "val_groundtruth_matches.csv")
-    matches, bad = [], []
+    matches = []
     if os.path.isfile(csv_path):
         with open(csv_path, newline="") as f:
             for row in csv.reader(f):
                 if len(row) < 2 or row[0].strip().lower() == "query_id":
                     continue
                 q, r = row[0].strip(), row[1].strip()
+                if q in gone or r in gone:
+                    continue  # its unreadable image is reported above
                 if q not in qs or r not in rs:
                     bad.append(f"{csv_path}: match {q},{r} names a file that is not in val_query/ or val_ref/")
                     continue
                 matches.append((qs[q], rs[r]))
-    report_bad(bad, False, f"Polyp-Twin at {root}")
+    report_bad(bad, skip_bad, f"Polyp-Twin at {root}")
     return {"queries": queries, "references": refs, "matches": matches}
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -243,7 +244,8 @@ def test_skip_nonfinite_skips_the_step_and_counts_over_resume(tmp_path, capsys):
     model, out = fit_toy(tmp_path, nan_at(2, seen=seen), epochs=1, skip=2)
     assert torch.equal(seen[1], seen[2])  # step 2 changed nothing
     assert not torch.equal(seen[0], seen[1])
-    assert "non-finite loss at epoch 1, step 2: step skipped (1 of --skip-nonfinite 2)" in capsys.readouterr().err
+    warning = "non-finite loss at epoch 1, step 2: step skipped (1 of --skip-nonfinite 2)"
+    assert warning in capsys.readouterr().err
     ck = load_file(tmp_path / "toy.last.pth")
     assert ck["nonfinite_skipped"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
     assert math.isfinite(out["history"][0]["train"]["ce"])  # the skipped batch is left out of the mean
@@ -273,6 +275,19 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_checkpoint(tmp_path, skip, 
     after = {f: ((tmp_path / f).read_bytes(), os.stat(tmp_path / f).st_mtime_ns) for f in before}
     assert before and after == before
     assert load_file(tmp_path / "toy.last.pth")["epoch"] == 1
+
+
+def test_skipped_step_lowers_the_fp16_loss_scale():
+    torch.manual_seed(0)
+    model = Toy()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = engine.NonFiniteGuard(1)
+    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    engine.train_one_epoch(model, loader, engine.build_optimizer(model, lr=1e-2), nan_at(2),
+                           device=torch.device("cpu"), epoch=1, scaler=scaler, amp=False,
+                           show_progress=False, nonfinite=guard)
+    assert guard.skipped == 1 and scaler.get_scale() == 512.0  # backoff 0.5, as for inf gradients
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_gpu_policy_checks_log_steps_and_gives_the_range():
@@ -327,7 +342,7 @@ def test_unwritable_output_folder_in_process(tmp_path, monkeypatch):
 
 
 def test_no_room_for_checkpoints_fails_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, free=1000))
     calls = []
     with pytest.raises(UserError, match="free in .*checkpoints need about"):
         fit_toy(tmp_path, lambda m, b: calls.append(1), epochs=1)

@@ -59,6 +59,39 @@ def autocast(device, enabled=True):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def use_channels_last(device):
+    """Whether convolutional models run in ``channels_last`` (NHWC) memory format on ``device``.
+
+    Yes on CUDA (tensor-core convolutions are NHWC) and on CPU too: oneDNN's NHWC kernels made
+    a ResNet-50 train step 15 % faster with bf16 autocast and 9 % faster in fp32 on the 2-core
+    AMD EPYC (AVX512-BF16) development machine (batch 4, 224 px, 1 thread: 0.55 vs 0.64 s and
+    1.06 vs 1.17 s of CPU time per step, median of 6 interleaved steps).
+    """
+    return torch.device(device).type in ("cuda", "cpu")
+
+
+def to_channels_last(model, device, enabled=None):
+    """``model`` converted in place to channels_last when it has 2-D convolutions and
+    ``enabled`` (default :func:`use_channels_last`) says so; parameters stay the same objects,
+    so an optimiser built before keeps working. Returns ``model``."""
+    if enabled is None:
+        enabled = use_channels_last(device)
+    if enabled and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def compile_model(model, device):
+    """``torch.compile(model)`` (``--compile``). On CPU, inductor builds C++ kernels, so a C++
+    compiler must be on PATH; without one this stops before any work with a UserError."""
+    if torch.device(device).type == "cpu":
+        compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+        if not any(shutil.which(c) for c in compilers):
+            raise UserError("--compile on CPU needs a C++ compiler on PATH (torch.compile builds C++ "
+                            "kernels); install one (e.g. apt-get install g++) or run without --compile")
+    return torch.compile(model)
+
+
 # --------------------------------------------------------------------------- optimisation
 
 def _no_decay(name, param):
@@ -615,7 +648,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
         epochs, validate=None, metric_mode="max", lr_scheduler=False, lr_min=1e-6,
         accum_iter=1, clip_grad=None, amp=True, frozen=(), lr_schedule=None, after_step=None,
         log_every=10, find_unused_parameters=False, extra_state=None, show_progress=True,
-        skip_nonfinite=None):
+        skip_nonfinite=None,
+        channels_last=None, compile=None):
     """Train ``model`` for ``epochs`` epochs, resuming from ``<run_name>.last.pth`` if present.
 
     ``model`` is the bare module, already on ``device``; under torchrun it is wrapped in
@@ -647,11 +681,15 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
         if stale:
             print(f"Removed {len(stale)} temporary file(s) left by an interrupted save in "
                   f"'{files.dir}'", flush=True)
-    bare = model
+    bare = to_channels_last(model, device, channels_last)
     if dist.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             bare, device_ids=[device.index] if torch.device(device).type == "cuda" else None,
             find_unused_parameters=find_unused_parameters)
+    if compile is None:  # default: the script's --compile flag
+        compile = bool((args if isinstance(args, dict) else vars(args)).get("compile", False))
+    if compile:  # the compiled module runs the steps; the bare one is validated and saved
+        model = compile_model(model, device)
     dtype = amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(torch.device(device).type) if dtype == torch.float16 else None
     scheduler = _make_scheduler(optimizer, metric_mode, lr_min) if (lr_scheduler and validate) else None

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from gissl.engine import autocast
 from gissl.errors import UserError
 from gissl.probes import occlusion_map
 
@@ -89,8 +90,8 @@ def make_compute_losses(weights):
 # --------------------------------------------------------------------------- inference
 
 @torch.inference_mode()
-def predict(model, loader, device):
-    """Run ``model`` (eval mode) over ``loader``.
+def predict(model, loader, device, amp=False):
+    """Run ``model`` (eval mode) over ``loader``, in fp32 or (``amp``) under bf16/fp16 autocast.
 
     Returns ``{"probs": (N, C) float32, "preds": (N,), "targets": (N,), "indices": (N,)}``
     on the CPU, in loader order.
@@ -100,7 +101,9 @@ def predict(model, loader, device):
     probs, targets, indices = [], [], []
     for batch in loader:
         batch = move_to(batch, device)
-        probs.append(torch.softmax(model(batch["image"]).float(), 1).cpu())
+        with autocast(device, amp):
+            logits = model(batch["image"])
+        probs.append(torch.softmax(logits.float(), 1).cpu())
         targets.append(batch["label"].long().cpu())
         indices.append(torch.as_tensor(batch["index"]).long().cpu())
     probs = torch.cat(probs)

@@ -88,6 +88,9 @@ def task_parser(task, description, *, stage="train", datasets=(), default_epochs
                        help="clip the global gradient norm to this value")
         t.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.01,
                        help="AdamW weight decay (not applied to norms, biases and tokens)")
+        t.add_argument("--compile", action="store_true",
+                       help="torch.compile the model for training (the first steps compile for a "
+                            "minute or more; pays off on long runs; on CPU it needs a C++ compiler)")
         t.add_argument("--skip-nonfinite", dest="skip_nonfinite", type=int, default=0, metavar="N",
                        help="skip up to N optimiser steps whose loss is NaN/inf (no update) before "
                             "stopping, e.g. rare fp16 overflows; 0 stops at the first (exit code 1)")

@@ -108,6 +108,7 @@ def test_determinism_with_spaces_and_unicode_in_paths(cache, baseline, tmp_path)
     r = ok(train(cache, out, "--data-root", str(data)))
     assert_same_weights(load_file(out / f"{NAME}.last.pth")["model"], baseline)
     assert (out / f"{NAME}.txt").is_file() and "Saving..." in r.stdout
+    shutil.rmtree(out)  # 2 x 134 MB of checkpoints; kept when the test fails
 
 
 @pytest.mark.slow
@@ -133,6 +134,7 @@ def test_sigkill_mid_save_and_mid_epoch_then_resume_is_exact(cache, baseline, tm
     files = checkpoints(out)
     assert files[f"{NAME}.last.pth"]["epoch"] == 2
     assert_same_weights(files[f"{NAME}.last.pth"]["model"], baseline)
+    shutil.rmtree(out)
 
 
 @pytest.mark.slow
@@ -152,6 +154,7 @@ def test_sigterm_and_sigint_save_last_and_resume_is_exact(cache, baseline, tmp_p
     ok(train(cache, out))
     assert_same_weights(checkpoints(out)[f"{NAME}.last.pth"]["model"], baseline)
     assert temporaries(out) == []
+    shutil.rmtree(out)
 
 
 @pytest.mark.slow

@@ -163,7 +163,7 @@ def bench_peak(args, device, ctx):
     """Matmul peak of this machine in bf16 and fp32 (the MFU denominators)."""
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        tf = matmul_tflops(device, dtype, repeats=3 if args.quick else 8)
+        tf = matmul_tflops(device, dtype, repeats=20)
         ctx.setdefault("peak_tflops", {})[_amp_name(dtype)] = tf
         rows.append({"section": "peak", "model": "matmul 2048x2048", "setup": "torch.mm", "amp": _amp_name(dtype),
                      "tflops": tf})
@@ -178,6 +178,19 @@ def _peak_for(ctx, device, dtype):
     if name not in peaks:
         peaks[name] = matmul_tflops(device, dtype or torch.float32, repeats=3)
     return peaks[name]
+
+
+def refine_peak(rows, ctx, device):
+    """Measure the matmul peaks again at the end and keep the higher value (other programs may
+    have slowed one measurement down), then recompute every MFU with it."""
+    for name, tf in list(ctx["peak_tflops"].items()):
+        again = matmul_tflops(device, getattr(torch, name), repeats=20)
+        ctx["peak_tflops"][name] = max(tf, again)
+    for r in rows:
+        if r["section"] == "peak":
+            r["tflops"] = ctx["peak_tflops"][r["amp"]]
+        elif r.get("mfu") is not None:
+            r["mfu"] = r["tflops"] / ctx["peak_tflops"][r["mfu_vs_peak_of"]]
 
 
 # --------------------------------------------------------------------------- encoders
@@ -342,10 +355,12 @@ def _task_specs(arch, size, batch, args):
         ("depth", lambda: DPT(enc(), "depth", features=args.decoder_channels),
          {"image": img, "depth": 5 + 90 * torch.rand(batch, 1, size, size, generator=g)}, D.compute_losses, {}),
     ]
-    boxes = torch.tensor([[size * 0.2, size * 0.25, size * 0.6, size * 0.7]])
-    det_kw = dict(fixed_size=size) if is_vit(arch) else dict(min_size=size, max_size=size)
-    specs.append(("detection", lambda: build_detector(enc(), **det_kw),
-                  {"images": list(img.add(2).div(4).clamp(0, 1)),
+    # the ViT detector's canvas must be a multiple of 64 (exact stride-64 level)
+    det = -(-size // 64) * 64 if is_vit(arch) else size
+    boxes = torch.tensor([[det * 0.2, det * 0.25, det * 0.6, det * 0.7]])
+    det_kw = dict(fixed_size=det) if is_vit(arch) else dict(min_size=det, max_size=det)
+    specs.append(("detection", lambda: build_detector(build_encoder(arch, img_size=det), **det_kw),
+                  {"images": list(torch.rand(batch, 3, det, det, generator=g)),
                    "targets": [{"boxes": boxes.clone(), "labels": torch.ones(1, dtype=torch.int64)} for _ in range(batch)]},
                   Det.compute_losses, {}))
     import train_retrieval
@@ -633,6 +648,8 @@ def main(args):
     for name in args.sections:
         print(f"[{name}] {SECTIONS[name].__doc__.splitlines()[0]}", flush=True)
         rows += SECTIONS[name](args, device, ctx)
+    if ctx.get("peak_tflops"):
+        refine_peak(rows, ctx, device)
     if hasattr(os, "getloadavg"):
         info["load_average_1min_at_end"] = os.getloadavg()[0]
     info["peak_tflops"] = ctx.get("peak_tflops", {})

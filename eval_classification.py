@@ -22,7 +22,10 @@ def main(args):
     device = dist.resolve_device(args.device)
     ds, classes, model = load_finetuned(args, device)
     test = ds["test"]
-    out = predict(model, make_loader(test, batch_size=args.batch_size, train=False, workers=args.workers, device=device), device)
+    # batched (--batch-size) and under bf16/fp16 autocast unless --no-amp; the scores do not depend
+    # on the batch size (tests/test_performance.py)
+    out = predict(model, make_loader(test, batch_size=args.batch_size, train=False, workers=args.workers, device=device),
+                  device, amp=not args.no_amp)
     m = classification_metrics(out["targets"], out["preds"], out["probs"], num_classes=len(classes),
                                class_names=classes)
     name = cli.run_name(args)

@@ -281,4 +281,8 @@ def load_finetuned(args, device):
                                  skip_bad=args.skip_bad_files)
     model = Classifier(cli.encoder_from_args(args, img_size=args.image_size), len(classes))
     cli.load_trained(model, args)
-    return ds, classes, model.to(device).eval()
+    model = model.to(device).eval()
+    if getattr(args, "compile", False):  # eval --compile (training compiles inside engine.fit)
+        from gissl.engine import compile_model
+        model = compile_model(model, device)
+    return ds, classes, model

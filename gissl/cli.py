@@ -95,6 +95,9 @@ def task_parser(task, description, *, stage="train", datasets=(), default_epochs
                        help="skip up to N optimiser steps whose loss is NaN/inf (no update) before "
                             "stopping, e.g. rare fp16 overflows; 0 stops at the first (exit code 1)")
     if stage == "eval":
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the model for evaluation (compiling takes a minute or more: "
+                            "for large test sets; on CPU it needs a C++ compiler)")
         p.add_argument("--print-list", dest="print_list", action="store_true",
                        help="print the per-image scores as a Python list (as SSL4GIE)")
         p.add_argument("--save-predictions", dest="save_predictions", default=None, metavar="PATH",

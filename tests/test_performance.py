@@ -136,3 +136,17 @@ def test_compile_gives_the_eager_loss():
     assert compiled.item() == pytest.approx(eager.item(), rel=2e-2, abs=2e-2)
     compiled.backward()
     assert model.head.weight.grad is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler and none is on PATH")
+def test_compiled_eval_gives_the_eager_metrics():
+    torch._dynamo.reset()
+    encoder = VisionTransformer(embed_dim=32, depth=4, num_heads=2, img_size=SIZE, out_indices=(0, 1, 2, 3))
+    model, data = DPT(encoder, "segmentation", features=8).eval(), samples("segmentation")
+    eager = S.evaluate(model, loader(data, 5), torch.device("cpu"), amp=False)
+    compiled = S.evaluate(engine.compile_model(model, "cpu"), loader(data, 5), torch.device("cpu"), amp=False)
+    assert torch.allclose(eager["dice"], compiled["dice"], atol=1e-3)
+    args = cli.task_parser("segmentation", "t", stage="eval").parse_args(["--compile"])
+    assert args.compile is True

@@ -281,8 +281,8 @@ def load_finetuned(args, device):
                                  skip_bad=args.skip_bad_files)
     model = Classifier(cli.encoder_from_args(args, img_size=args.image_size), len(classes))
     cli.load_trained(model, args)
-    model = model.to(device).eval()
+    from gissl.engine import compile_model, to_channels_last
+    model = to_channels_last(model.to(device).eval(), device)  # the memory format training used
     if getattr(args, "compile", False):  # eval --compile (training compiles inside engine.fit)
-        from gissl.engine import compile_model
         model = compile_model(model, device)
     return ds, classes, model

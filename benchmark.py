@@ -251,24 +251,26 @@ def _setups(arch, images, device, lr=1e-4):
            ("gissl fp32", f"gissl {arch}", lambda: TrainStep(build_encoder(arch, img_size=images.shape[-1]), images,
                                                              device, dtype=None, optimizer=ours_opt,
                                                              channels_last=cl))]
-    if _reference_encoder(arch, images.shape[-1]) is None:
+    probe = _reference_encoder(arch, images.shape[-1])
+    if probe is None:
         return out
+    ref_label = probe[0]
+    del probe
 
     def reference():
         # ssl4gie.md §4.1: torch.optim.AdamW(model.parameters(), lr) with every default, fp16
         # autocast + GradScaler on GPU; on CPU the reference had no AMP at all
-        label, model = _reference_encoder(arch, images.shape[-1])
+        model = _reference_encoder(arch, images.shape[-1])[1]
         fp16 = device.type == "cuda"
         return TrainStep(model, images, device, dtype=torch.float16 if fp16 else None,
                          optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
                          scaler=torch.amp.GradScaler("cuda") if fp16 else None)
 
     def best_reference():
-        label, model = _reference_encoder(arch, images.shape[-1])
+        model = _reference_encoder(arch, images.shape[-1])[1]
         return TrainStep(model, images, device, dtype=best,
                          optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr, fused=True))
 
-    ref_label = _reference_encoder(arch, images.shape[-1])[0]
     return out + [("reference", ref_label, reference), ("best reference", ref_label, best_reference)]
 
 

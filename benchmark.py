@@ -1,7 +1,8 @@
 """Throughput benchmark (not a test): gissl's default set-up next to the reference set-up, in one run.
 
     python benchmark.py --quick                 # a few minutes on a 2-core CPU
-    python benchmark.py                          # full sizes (ViT-B / ResNet-50 everywhere, ~20 min on 2 cores)
+    python benchmark.py                          # full sizes (ViT-B / ResNet-50 everywhere; about half an
+                                                 # hour on 2 cores, minutes on a GPU)
     python benchmark.py --device cuda            # on a GPU node
 
 Sections (``--sections``, in this order; each prints progress, all rows end in one table and a

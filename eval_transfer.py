@@ -89,6 +89,7 @@ def features(args, encoder, datasets, root, device):
         cache = None if args.no_cache else probes.feature_cache_path(
             folder, arch=args.arch, pretraining=args.pretraining, ss=args.ss_framework,
             checkpoint=probes.checkpoint_identity(args.checkpoint), dataset=args.dataset,
+            init_seed=args.seed if args.pretraining == "random" else None,  # --seed draws the init
             root=os.path.abspath(root), split_kind=args.split, split=split, image_size=args.image_size, n=len(ds))
         out[split] = probes.extract_features(encoder, ds, device=device, batch_size=args.batch_size,
                                              workers=args.workers, cache=cache)

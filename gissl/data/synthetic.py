@@ -12,7 +12,7 @@ fixed to the tube surface (they move consistently across the frames of a video),
 highlights where the wet surface faces the light, and black corners like an endoscope aperture.
 Polyps are shaded domes with lobed outlines whose mask and box are exact. HyperKvasir classes
 differ by visible motifs (shaft of a retroflexed scope, pylorus ring, z-line boundary, ulcer
-spots, erosion streaks, ...), see ``_CLASS_STYLES``.
+spots, erosion streaks, ...), see ``_CLASS_STYLES``; their colour varies per image, not per class.
 
 Formats (as downloaded): Kvasir-SEG ``images/*.jpg``, ``masks/*.jpg`` (RGB JPEG), ``kavsir_bboxes.json``;
 CVC-ClinicDB ``Original/N.tif``, ``Ground Truth/N.tif``; HyperKvasir
@@ -32,7 +32,7 @@ from PIL import Image
 
 from gissl.errors import UserError
 
-VERSION = 2  # bump when the rendering changes so cached copies are regenerated
+VERSION = 3  # bump when the rendering changes so cached copies are regenerated
 DATASETS = ("Kvasir", "CVC", "Hyperkvasir_anatomical", "Hyperkvasir_pathological", "Hyperkvasir_unlabelled", "C3VD")
 # --num meaning per dataset: images (Kvasir, CVC, unlabelled), images per class (HyperKvasir),
 # frames per video (C3VD).
@@ -245,21 +245,28 @@ def _pylorus(rng, img, scene):
     img[:] = img * (1 + 0.5 * ring) * np.clip(r, 0.05, 1)[..., None] ** 0.7
 
 
-# class id -> (tint, motif, parameter); the same id order as gissl.data.HYPERKVASIR_CLASSES
+# class id -> (motif, parameter); the same id order as gissl.data.HYPERKVASIR_CLASSES. Classes
+# differ by structure only: the mucosa's tint (white balance, light, patient) is drawn per image
+# from one distribution for every class (``_random_tint``). Version 2 tied a tint to each class,
+# a global-colour shortcut that real HyperKvasir does not offer: any random network read it off,
+# and the SSL papers' colour augmentations trained it away.
 _CLASS_STYLES = {
-    "anatomical": [((1.0, 1.12, 0.85), "fold", 0), ((1.0, 1.25, 1.25), "villi", 0), ((1.0, 0.85, 1.0), "shaft", 0),
-                   ((1.1, 1.05, 0.7), "pylorus", 0), ((1.0, 0.8, 0.72), "shaft_rugae", 0),
-                   ((1.0, 1.0, 1.0), "zline", 0)],
-    "pathological": [((1.0, 1.0, 1.1), "hemorrhoids", 0), ((1.0, 1.0, 1.0), "polyp", 0)]
-    + [((1.0, 0.95 - 0.04 * g, 0.95 - 0.04 * g), "ulcer", g) for g in (0.5, 1.5, 1.0, 2.5, 2.0, 3.0)]
-    + [((1.0, 1.05, 1.0), "barrett", 0.2), ((1.0, 1.05, 1.0), "barrett", 0.45),  # short segment, barretts
-       ((1.0, 1.05, 1.05), "erosion", 2), ((1.0, 1.0, 1.0), "erosion", 6)],
+    "anatomical": [("fold", 0), ("villi", 0), ("shaft", 0), ("pylorus", 0), ("shaft_rugae", 0), ("zline", 0)],
+    "pathological": [("hemorrhoids", 0), ("polyp", 0)] + [("ulcer", g) for g in (0.5, 1.5, 1.0, 2.5, 2.0, 3.0)]
+    + [("barrett", 0.2), ("barrett", 0.45),  # short segment, barretts
+       ("erosion", 2), ("erosion", 6)],
 }
+
+
+def _random_tint(rng):
+    """Per-image multiplier of the pink base albedo (R, G, B): white balance and light vary."""
+    return (1.0, rng.uniform(0.8, 1.25), rng.uniform(0.7, 1.25))
 
 
 def render_class_image(rng, h, w, subset, label):
     """One HyperKvasir-like image (h, w, 3) uint8 of class ``label``."""
-    tint, motif, p = _CLASS_STYLES[subset][label]
+    motif, p = _CLASS_STYLES[subset][label]
+    tint = _random_tint(rng)
     lumen = motif in ("pylorus", "zline", "barrett", "erosion", "ulcer")
     vp = (rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h) if lumen else None
     folds = (rng.uniform(0.25, 0.35), rng.uniform(6, 9), rng.uniform(0, 6)) if motif == "shaft_rugae" else None

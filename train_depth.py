@@ -9,8 +9,6 @@ AdamW, model selection on the validation videos' aligned RMSE in mm (lower is be
 """
 from functools import partial
 
-import torch
-
 from gissl import cli, dist
 from gissl import depth
 from gissl.segmentation import train_dense
@@ -25,7 +23,6 @@ def get_args():
 def main(args):
     device = dist.init_distributed(args.device)
     ds = depth.datasets(args, original=True)
-    torch.manual_seed(args.seed)  # the same initial decoder (and random encoder) on every run
     model = depth.build_depth_model(args).to(device)
     if dist.is_main_process():
         print(f"C3VD: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test frames "

@@ -9,8 +9,6 @@ trains on the built-in synthetic Kvasir-SEG, e.g. (a few minutes on a 2-core CPU
 """
 from functools import partial
 
-import torch
-
 from gissl import cli, dist
 from gissl import segmentation as seg
 
@@ -24,7 +22,6 @@ def get_args():
 def main(args):
     device = dist.init_distributed(args.device)
     ds = seg.datasets(args, original=True)
-    torch.manual_seed(args.seed)  # the same initial decoder (and random encoder) on every run
     model = seg.build_segmentation_model(args).to(device)
     if dist.is_main_process():
         print(f"{args.dataset}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test "

@@ -281,8 +281,5 @@ def load_finetuned(args, device):
                                  skip_bad=args.skip_bad_files)
     model = Classifier(cli.encoder_from_args(args, img_size=args.image_size), len(classes))
     cli.load_trained(model, args)
-    from gissl.engine import compile_model, to_channels_last
-    model = to_channels_last(model.to(device).eval(), device)  # the memory format training used
-    if getattr(args, "compile", False):  # eval --compile (training compiles inside engine.fit)
-        model = compile_model(model, device)
-    return ds, classes, model
+    from gissl.engine import prepare_for_eval
+    return ds, classes, prepare_for_eval(model, device, getattr(args, "compile", False))

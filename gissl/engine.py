@@ -81,6 +81,13 @@ def to_channels_last(model, device, enabled=None):
     return model
 
 
+def prepare_for_eval(model, device, compile=False):
+    """``model`` on ``device`` in eval mode, in the memory format training used
+    (:func:`to_channels_last`) and, with ``compile`` (eval ``--compile``), compiled."""
+    model = to_channels_last(model.to(device).eval(), device)
+    return compile_model(model, device) if compile else model
+
+
 def compile_model(model, device):
     """``torch.compile(model)`` (``--compile``). On CPU, inductor builds C++ kernels, so a C++
     compiler must be on PATH; without one this stops before any work with a UserError."""
@@ -346,6 +353,7 @@ class NonFiniteGuard:
 
 
 def _comm_device():
+    """Where a small tensor for a collective must live: the current GPU under nccl, else CPU."""
     if dist.is_dist() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -505,9 +513,8 @@ class _StopSignals:
         # every rank must stop at the same step: agree on the flag (cheap, not every step)
         if global_step % self.check_every:
             return False
-        flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.float64)
-        if torch.distributed.get_backend() == "nccl":
-            flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
+        flag = torch.tensor([0 if self.signum is None else self.signum], dtype=torch.float64,
+                            device=_comm_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and self.signum is None:
             self.signum = int(flag.item())
@@ -687,7 +694,7 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
             bare, device_ids=[device.index] if torch.device(device).type == "cuda" else None,
             find_unused_parameters=find_unused_parameters)
     if compile is None:  # default: the script's --compile flag
-        compile = bool((args if isinstance(args, dict) else vars(args)).get("compile", False))
+        compile = bool(args_dict.get("compile", False))
     if compile:  # the compiled module runs the steps; the bare one is validated and saved
         model = compile_model(model, device)
     dtype = amp_dtype(device, amp)

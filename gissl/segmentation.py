@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_segmentation_masks
 
 from gissl import cli
-from gissl.engine import autocast, build_optimizer, compile_model, fit, freeze, make_loader, to_channels_last
+from gissl.engine import autocast, build_optimizer, fit, freeze, make_loader, prepare_for_eval
 from gissl.errors import UserError
 from gissl.losses import soft_dice
 from gissl.metrics import segmentation_scores, summarize_segmentation
@@ -161,8 +161,7 @@ def load_model(args, device, build=build_segmentation_model):
     """The finetuned model of this run (``Trained models/<task>/<name>.pth``), eval mode."""
     model = build(args)
     cli.load_trained(model, args)
-    model = to_channels_last(model.to(device).eval(), device)  # the memory format training used
-    return compile_model(model, device) if getattr(args, "compile", False) else model
+    return prepare_for_eval(model, device, getattr(args, "compile", False))
 
 
 # --------------------------------------------------------------------------- reporting

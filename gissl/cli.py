@@ -285,4 +285,4 @@ def run(main, get_args):
         print("interrupted; the last complete checkpoint is kept, re-run the same command "
               "to resume", file=sys.stderr, flush=True)
         sys.exit(130)
-    dist.cleanup()
+    dist.cleanup(wait_for_peers=True)

@@ -56,8 +56,13 @@ def init_distributed(device="auto", timeout_s=1800):
     return dev
 
 
-def cleanup():
+def cleanup(wait_for_peers=False):
+    """Destroy the process group. ``wait_for_peers`` (a run that ended normally) first waits
+    for every rank, so no rank tears gloo down while a peer's last collective is in flight
+    (that can abort the peer). Error paths skip the wait: a failed peer may never arrive."""
     if is_dist():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -122,6 +122,10 @@ def _dist_worker(rank, world, port, n_local):
         qq = q[sl].clone().requires_grad_(True)
         losses.infonce(qq, k[sl], 0.2).backward()
         torch.testing.assert_close(qq.grad / world, ref_nce_g[0][sl], rtol=1e-4, atol=1e-6)
+        # both ranks done communicating before either tears gloo down: destroying the group
+        # while the peer's last collective is in flight aborted a rank once ("terminate called
+        # without an active exception", SIGABRT) in CI
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

@@ -87,8 +87,8 @@ def align(pred, target_mm, alignment="scale-shift"):
 
 
 def to_original(pred_mm, depth_orig):
-    """Aligned (1, S, S) depth -> (1, h, w) on the original frame, clamped to [0, 100] mm,
-    0 where the ground truth is invalid (as the reference)."""
+    """Aligned (..., S, S) depth -> (..., h, w) on the original frame ``depth_orig`` (..., h, w),
+    clamped to [0, 100] mm, 0 where the ground truth is invalid (as the reference)."""
     h, w = depth_orig.shape[-2:]
     out = from_square(pred_mm, h, w).clamp(0, MAX_DEPTH_MM)
     return torch.where(depth_orig > 0, out, torch.zeros_like(out))
@@ -97,25 +97,22 @@ def to_original(pred_mm, depth_orig):
 def evaluate(model, loader, device, alignment="scale-shift", amp=True, keep_depth=False):
     """Per-frame errors (mm) at original resolution over ``loader`` (``original=True`` samples).
 
-    Returns ``depth_errors``'s (N,) tensors, ``"constant_rmse"`` (N,) for the best constant
-    prediction, ``"paths"``, and ``"depth"`` (list of (h, w) mm arrays) when ``keep_depth``.
+    Returns ``depth_errors``'s (N,) tensors (``"constant_rmse"`` is the best constant
+    prediction), ``"paths"``, and ``"depth"`` (list of (h, w) mm arrays) when ``keep_depth``.
+    Every number is computed per frame, so the batch size changes none of them.
     """
     model.eval()
-    errors, const, paths, depths = [], [], [], []
+    errors, paths, depths = [], [], []
     for batch in loader:
         pred = predict_logits(model, batch["image"], device, amp).cpu()
         aligned = align(pred, batch["depth"], alignment)
         for p, gt, path in zip(aligned, batch["depth_orig"], batch["path"]):
             p = to_original(p, gt)
             errors.append(depth_errors(p[None], gt[None]))
-            valid = gt > 0
-            mean = gt[valid].double().mean() if valid.any() else torch.tensor(0.0, dtype=torch.float64)
-            const.append(depth_errors(torch.full_like(gt, float(mean))[None], gt[None])["rmse"])
             paths.append(path)
             if keep_depth:
                 depths.append(p[0].numpy())
     out = {k: torch.cat([e[k] for e in errors]) for k in errors[0]}
-    out["constant_rmse"] = torch.cat(const)
     out["paths"] = paths
     if keep_depth:
         out["depth"] = depths

@@ -123,9 +123,15 @@ def build_model(args, **kwargs):
 def load_model(args, device):
     """The finetuned detector of this run (``Trained models/detection/<name>.pth``), on ``device``
     in eval mode; for eval and predict."""
+    from gissl.engine import compile_model, prepare_for_eval
     model = build_model(args)
     cli.load_trained(model, args)
-    return model.to(device).eval()
+    model = prepare_for_eval(model, device)
+    if getattr(args, "compile", False):  # eval --compile
+        # the backbone (encoder + feature pyramid) is the bulk of the work and has static shapes;
+        # the heads' data-dependent parts (proposal selection, NMS) would only break the graph
+        model.backbone = compile_model(model.backbone, device)
+    return model
 
 
 def build_datasets(args):

@@ -59,36 +59,56 @@ def summarize_segmentation(per_image):
     return out
 
 
+def _median(x):
+    """np.median of a 1-D float array without NaN: the mean of the two middle values of an even
+    count (torch.median takes the lower one), from one O(n) partition around the upper middle
+    (everything left of it is smaller, so the lower middle is their maximum). Five times
+    faster than np.median on a C3VD frame, which partitions around two values and the end."""
+    n = x.size
+    part = np.partition(x, n // 2)
+    if n % 2:
+        return float(part[n // 2])
+    return float((part[: n // 2].max() + part[n // 2]) / 2)
+
+
 def depth_errors(pred, target, valid=None):
     """Per-frame depth errors over valid pixels (SSL4GIE §5.4 plus the usual δ and abs-rel).
 
     pred, target: (N, ...) depth in one unit (gissl: millimetres); valid: bool, default
     ``target > 0``. Returns a dict of (N,) float64 tensors: ``rmse``, ``abs`` (mean |p−d|),
     ``rel_median`` (median |p−d|/d, the reference's "Relative Error"), ``abs_rel``
-    (mean |p−d|/d) and ``delta1`` (fraction with max(p/d, d/p) < 1.25). Frames without a
-    valid pixel get NaN.
+    (mean |p−d|/d), ``delta1`` (fraction with max(p/d, d/p) < 1.25) and ``constant_rmse``
+    (RMSE of the best constant prediction, the frame's mean valid depth: a baseline any model
+    must beat). Frames without a valid pixel get NaN. Each frame is computed alone, so the
+    numbers do not depend on how frames are batched.
     """
-    p = pred.reshape(pred.shape[0], -1).double()
-    d = target.reshape(target.shape[0], -1).double()
-    v = (d > 0) if valid is None else valid.reshape(d.shape).bool()
-    out = {k: [] for k in ("rmse", "abs", "rel_median", "abs_rel", "delta1")}
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-    for pi, di, vi in zip(p, d, v):
+    # NumPy per frame: its boolean selection is four times faster than torch's on CPU
+    p = pred.detach().reshape(pred.shape[0], -1).cpu().numpy()
+    d = target.detach().reshape(target.shape[0], -1).cpu().numpy()
+    v = (d > 0) if valid is None else valid.detach().reshape(d.shape).bool().cpu().numpy()
+    keys = ("rmse", "abs", "rel_median", "abs_rel", "delta1", "constant_rmse")
+    out = {k: np.full(p.shape[0], np.nan) for k in keys}
+    for i, (pi, di, vi) in enumerate(zip(p, d, v)):
         if not vi.any():
-            for k in out:
-                out[k].append(nan)
             continue
-        pi, di = pi[vi], di[vi]
-        err = (pi - di).abs()
+        # Select in the input dtype, then widen: the same float64 values as widening the whole
+        # frame first, with a fraction of the memory traffic (a C3VD frame has 1.46 M pixels).
+        di = di[vi]
+        const = np.float64(di.dtype.type(di.mean(dtype=np.float64)))  # the constant, stored as di's dtype
+        pi, di = pi[vi].astype(np.float64), di.astype(np.float64)
+        err = np.abs(pi - di)
         rel = err / di
-        ratio = torch.maximum(pi / di, di / pi.clamp_min(torch.finfo(torch.float64).tiny))
-        out["rmse"].append(err.square().mean().sqrt())
-        out["abs"].append(err.mean())
-        # torch.median returns the lower middle value for an even count; NumPy averages the two.
-        out["rel_median"].append(torch.from_numpy(np.asarray(np.median(rel.numpy()))))
-        out["abs_rel"].append(rel.mean())
-        out["delta1"].append((ratio < 1.25).double().mean())
-    return {k: torch.stack(vals) for k, vals in out.items()}
+        out["rmse"][i] = np.sqrt(np.mean(err * err))
+        out["abs"][i] = err.mean()
+        out["rel_median"][i] = _median(rel)
+        out["abs_rel"][i] = rel.mean()
+        # max(p/d, d/p) < 1.25 without the second full-frame division: p/d < 1.25 and d/p < 1.25
+        # ⇔ 0.8 < p/d < 1.25 for p > 0 (p = 0 fails both forms)
+        ratio = pi / di
+        out["delta1"][i] = np.count_nonzero((ratio < 1.25) & (ratio > 0.8)) / ratio.size
+        c = di - const
+        out["constant_rmse"][i] = np.sqrt(np.mean(c * c))
+    return {k: torch.from_numpy(x) for k, x in out.items()}
 
 # ---- classification (helper: classification) ----
 from gissl.errors import UserError  # noqa: E402  (kept inside this section: shared file)

@@ -592,7 +592,7 @@ def build_model(args, encoder):
                           decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def extract_descriptors(model, paths, *, image_size, batch_size, device, workers=0, use_head=False,
                         amp=True):
     """Descriptors of image files: (len(paths), D) float32 numpy, L2-normalised, in order."""
@@ -675,20 +675,26 @@ def add_inference_arguments(p):
 
 
 def load_model(args, device):
-    """The descriptor model for eval / predict, in eval mode on ``device``."""
+    """The descriptor model for eval / predict, in eval mode on ``device`` (its ``embed``
+    compiled with eval ``--compile``)."""
     import argparse
     from gissl import cli
+    from gissl.engine import compile_model, prepare_for_eval
     from gissl.models import build_encoder
     torch.manual_seed(args.seed)  # --untrained: the same random init as train_retrieval.py
     if args.untrained:
-        encoder = build_encoder(args.arch, args.pretraining, args.ss_framework, args.checkpoint,
-                                img_size=args.image_size)
-        return build_model(args, encoder).to(device).eval()
-    model = build_model(args, build_encoder(args.arch, img_size=args.image_size))
-    named = argparse.Namespace(**vars(args))
-    named.dataset, named.task = args.train_dataset, "retrieval"
-    cli.load_trained(model, named, path=args.weights)
-    return model.to(device).eval()
+        model = build_model(args, build_encoder(args.arch, args.pretraining, args.ss_framework, args.checkpoint,
+                                                img_size=args.image_size))
+    else:
+        model = build_model(args, build_encoder(args.arch, img_size=args.image_size))
+        named = argparse.Namespace(**vars(args))
+        named.dataset, named.task = args.train_dataset, "retrieval"
+        cli.load_trained(model, named, path=args.weights)
+    model = prepare_for_eval(model, device)
+    if getattr(args, "compile", False):
+        # descriptors come from embed(), not forward(): compile that (image -> embedding)
+        model.embed = compile_model(model.embed, device)
+    return model
 
 
 def make_postprocess(args, model, device):

@@ -16,17 +16,19 @@ SIZE, ORIG, COUNT = 64, (45, 70), 5
 
 
 def samples(task):
-    """In-memory eval samples as the datasets give them with ``original=True``."""
+    """In-memory eval samples as the datasets give them with ``original=True``; sample 2 has
+    another original size, so batches hold both one-size (stacked) and mixed-size originals."""
     g = torch.Generator().manual_seed(3)
     out = []
     for i in range(COUNT):
         image = torch.randn(3, SIZE, SIZE, generator=g)
+        orig = ORIG if i != 2 else (52, 38)
         if task == "segmentation":
-            mask = torch.rand(1, *ORIG, generator=g) > 0.6
+            mask = torch.rand(1, *orig, generator=g) > 0.6
             out.append({"image": image, "mask": torch.zeros(1, SIZE, SIZE), "mask_orig": mask,
                         "path": f"{i}.jpg", "index": i})
         elif task == "depth":
-            d = 5 + 90 * torch.rand(1, *ORIG, generator=g)
+            d = 5 + 90 * torch.rand(1, *orig, generator=g)
             d[..., :7] = 0  # invalid pixels
             out.append({"image": image, "depth": torch.nn.functional.interpolate(d[None], (SIZE, SIZE))[0],
                         "depth_orig": d, "path": f"{i}_color.png", "index": i})
@@ -150,3 +152,21 @@ def test_compiled_eval_gives_the_eager_metrics():
     assert torch.allclose(eager["dice"], compiled["dice"], atol=1e-3)
     args = cli.task_parser("segmentation", "t", stage="eval").parse_args(["--compile"])
     assert args.compile is True
+
+
+def test_eval_compile_reaches_detection_and_retrieval_models(monkeypatch):
+    """eval --compile compiles what eval runs: the detector's backbone, the retrieval embed()."""
+    import eval_retrieval
+    from gissl import detection as det, retrieval as R
+    compiled = []
+    monkeypatch.setattr(engine, "compile_model", lambda fn, device: compiled.append(fn) or fn)
+    args = det.parse_args("eval", ["--architecture", "resnet18", "--image-size", "64", "--compile"])
+    args.num_classes = 2  # set by build_datasets in eval_detection.py
+    monkeypatch.setattr(cli, "load_trained", lambda model, args, **kw: None)
+    model = det.load_model(args, torch.device("cpu"))
+    assert compiled == [model.backbone] and not model.training
+    monkeypatch.setattr("sys.argv", ["eval_retrieval.py", "--architecture", "resnet18", "--image-size", "32",
+                                     "--untrained", "--compile", "--device", "cpu"])
+    model = R.load_model(eval_retrieval.get_args(), torch.device("cpu"))
+    assert len(compiled) == 2 and compiled[-1] == model.embed and "embed" in vars(model)  # set on the model
+    assert not model.training

@@ -309,3 +309,22 @@ def test_many_files_checked_in_threads(tmp_path):
         samples = D.image_folder(str(tmp_path), skip_bad=True)
     assert [os.path.basename(s["image"]) for s in samples] == [f"{i:03d}.png" for i in range(80) if i != 50]
     assert samples[1]["size"] == (9, 8)
+
+
+def test_eval_images_are_the_references_pixels(tmp_path):
+    """Evaluation decodes at full size then resizes, as the reference's Image.open().resize((S, S));
+    training may decode a JPEG at reduced scale (draft), which is faster but not the same pixels."""
+    import torchvision.transforms.functional as TF
+    from gissl.data.datasets import ClassificationDataset, SegmentationDataset
+    from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    rng = np.random.default_rng(0)
+    arr = (rng.random((300, 420, 3)) * 255).astype(np.uint8)
+    path, mask = tmp_path / "a.jpg", tmp_path / "m.png"
+    Image.fromarray(arr).save(path, quality=90)
+    Image.fromarray(np.zeros((300, 420), np.uint8)).save(mask)
+    ref = TF.normalize(TF.to_tensor(Image.open(path).resize((64, 64))), IMAGENET_MEAN, IMAGENET_STD)
+    cls = ClassificationDataset([{"image": str(path), "label": 0}], 64, train=False)[0]["image"]
+    seg = SegmentationDataset([{"image": str(path), "mask": str(mask)}], 64, train=False, original=True)[0]["image"]
+    assert torch.allclose(cls, ref, atol=1e-6) and torch.allclose(seg, ref, atol=1e-6)
+    draft = D.decode_resized(str(path), (64, 64))  # the training decode: 1/4-scale draft, then resize
+    assert not np.array_equal(np.asarray(draft), np.asarray(Image.open(path).resize((64, 64))))

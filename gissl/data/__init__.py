@@ -61,8 +61,9 @@ stem and every file's header up front):
 
 Datasets (torch ``Dataset``; take a reader's sample list): ``ClassificationDataset``,
 ``SegmentationDataset``, ``DepthDataset``, ``DetectionDataset``, ``UnlabelledDataset``.
-Building blocks for other datasets: ``decode_resized(path, (W, H)) -> PIL RGB`` (fast JPEG draft
-decode + bicubic resize), ``to_image_tensor(pil) -> tv_tensors.Image (3,H,W) float [0,1]``,
+Building blocks for other datasets: ``decode_resized(path, (W, H), exact=False) -> PIL RGB``
+(fast JPEG draft decode + bicubic resize for training; ``exact``: full decode first, the
+reference's pixels, which the val/test datasets use), ``to_image_tensor(pil) -> tv_tensors.Image (3,H,W) float [0,1]``,
 ``resize_mask(bool (H,W), (W, H)) -> bool``.
 
 Splits: ``split_indices(n, seed=42) -> (train, val, test)`` (SSL4GIE's, equal to sklearn's

@@ -479,9 +479,14 @@ def to_image_tensor(pil):
     return tv_tensors.Image(a.float().div_(255.0))
 
 
-def decode_resized(path, size):
-    """Decode (JPEG draft to >= size) and resize to ``size`` = (W, H), bicubic like the reference."""
-    im = open_rgb(path, size)
+def decode_resized(path, size, exact=False):
+    """Decode and resize to ``size`` = (W, H), bicubic like the reference.
+
+    Training decodes JPEGs straight to >= size (``Image.draft``, several times faster);
+    ``exact`` (evaluation) decodes at full size first, as the reference's
+    ``Image.open(path).resize(size)``, so test inputs are the reference's pixels exactly.
+    """
+    im = open_rgb(path, None if exact else size)
     return im if im.size == tuple(size) else im.resize(tuple(size), Image.BICUBIC)
 
 
@@ -518,14 +523,15 @@ class ClassificationDataset(_SampleDataset):
 
     def __init__(self, samples, image_size=224, train=False, classes=None, transform=None):
         super().__init__(samples)
-        self.image_size = image_size
+        self.image_size, self.train = image_size, train
         self.classes = list(classes) if classes is not None else None
         self.labels = np.array([s["label"] for s in self.samples], dtype=np.int64)
         self.transform = transform or T.classification_transform(image_size, train)
 
     def __getitem__(self, i):
         s = self.samples[i]
-        img = self.transform(to_image_tensor(decode_resized(s["image"], (self.image_size, self.image_size))))
+        size = (self.image_size, self.image_size)
+        img = self.transform(to_image_tensor(decode_resized(s["image"], size, exact=not self.train)))
         return {"image": _plain(img), "label": torch.tensor(s["label"], dtype=torch.int64), "index": i}
 
 
@@ -535,13 +541,13 @@ class SegmentationDataset(_SampleDataset):
 
     def __init__(self, samples, image_size=224, train=False, original=False, transform=None):
         super().__init__(samples)
-        self.image_size, self.original = image_size, original
+        self.image_size, self.original, self.train = image_size, original, train
         self.transform = transform or T.segmentation_transform(image_size, train)
 
     def __getitem__(self, i):
         s = self.samples[i]
         size = (self.image_size, self.image_size)
-        img = to_image_tensor(decode_resized(s["image"], size))
+        img = to_image_tensor(decode_resized(s["image"], size, exact=not self.train))
         if self.original:
             full = load_mask(s["mask"])
             small = resize_mask(full, size)
@@ -577,7 +583,7 @@ class DepthDataset(_SampleDataset):
 
     def __init__(self, samples, image_size=224, train=False, original=False, transform=None):
         super().__init__(samples)
-        self.image_size, self.original = image_size, original
+        self.image_size, self.original, self.train = image_size, original, train
         self.transform = transform or T.depth_transform(image_size, train)
 
     def __getitem__(self, i):

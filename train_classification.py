@@ -45,7 +45,7 @@ def main(args):
     optimizer = build_optimizer(model, args.learning_rate, weight_decay=args.weight_decay)
     result = fit(model, train_loader=train_loader, compute_losses=make_compute_losses(weights),
                  optimizer=optimizer, device=device, run_dir=cli.output_dir(args), run_name=cli.run_name(args),
-                 args=args, epochs=args.epochs, validate=make_validate(val_loader, device), metric_mode="max",
+                 args=args, epochs=args.epochs, validate=make_validate(val_loader, device, not args.no_amp), metric_mode="max",
                  lr_scheduler=args.learning_rate_scheduler, lr_min=args.learning_rate_scheduler_minimum,
                  accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp, frozen=frozen,
                  lr_schedule=warmup_cosine(args.learning_rate, args.epochs, min(1.0, args.epochs / 10),

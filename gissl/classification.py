@@ -110,13 +110,14 @@ def predict(model, loader, device, amp=False):
     return {"probs": probs, "preds": probs.argmax(1), "targets": torch.cat(targets), "indices": torch.cat(indices)}
 
 
-def make_validate(loader, device):
+def make_validate(loader, device, amp=True):
     """``validate(model) -> macro F1`` on ``loader`` (classes present there): the reference's
-    model-selection metric (ssl4gie.md §4.2), defined without its smoothing."""
+    model-selection metric (ssl4gie.md §4.2), defined without its smoothing; under autocast
+    unless ``amp`` is False (``--no-amp``), as training and evaluation."""
     from gissl.metrics import classification_metrics
 
     def validate(model):
-        out = predict(model, loader, device)
+        out = predict(model, loader, device, amp=amp)
         return classification_metrics(out["targets"], out["preds"], num_classes=out["probs"].shape[1])["macro_f1"]
     return validate
 

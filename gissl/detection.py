@@ -288,8 +288,17 @@ def predict(model, loader, device):
     return predictions, targets, indices
 
 
-def eval_loader(dataset, args, batch_size=1):
-    """In-order loader over a whole split with the detection collate (images vary in size)."""
+def eval_loader(dataset, args, batch_size=None):
+    """In-order loader over a whole split with the detection collate.
+
+    ViT detectors see one fixed canvas, so their images are batched (``--batch-size``): every
+    image still gets its own proposals, NMS and boxes, so batching changes no box beyond float
+    rounding (``tests/test_detection.py``). ResNet detectors resize each image to its own size
+    and torchvision pads a batch to its largest image, which changes the features near the
+    borders: they run one image at a time, as the reference evaluated.
+    """
+    if batch_size is None:
+        batch_size = args.batch_size if fixed_size(args) else 1
     return make_loader(dataset, batch_size=batch_size, train=False, workers=args.workers,
                        collate_fn=collate)
 

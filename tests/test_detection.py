@@ -210,3 +210,21 @@ def test_pretrained_checkpoint_loads_into_the_backbone(tmp_path):
     torch.testing.assert_close(body.conv1.weight, source.conv1.weight)
     torch.testing.assert_close(body.bn1.running_mean, source.bn1.running_mean)  # BN frozen with its statistics
     assert type(body.bn1).__name__ == "FrozenBatchNorm2d"
+
+
+def test_vit_detector_eval_is_batched_and_equals_batch_1(kvasir):
+    args = det.parse_args("eval", ["--architecture", "vit_t", "--image-size", "64", "--workers", "0",
+                                   "--proposals", "32", "--batch-size", "4", "--data-root", kvasir])
+    test = det.build_datasets(args)["test"]
+    torch.manual_seed(0)
+    model = det.build_model(args).eval()
+    assert det.eval_loader(test, args).batch_size == 4  # one canvas size: batched
+    one = det.predict(model, det.eval_loader(test, args, batch_size=1), "cpu")
+    many = det.predict(model, det.eval_loader(test, args), "cpu")
+    assert one[2] == many[2]
+    for a, b in zip(one[0], many[0]):
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
+    assert coco_map(one[0], one[1])["map"] == pytest.approx(coco_map(many[0], many[1])["map"], abs=1e-6)
+    resnet = det.parse_args("eval", TINY + ["--data-root", kvasir])
+    assert det.eval_loader(test, resnet).batch_size == 1  # sizes differ: one image at a time

@@ -650,6 +650,23 @@ def _better(value, best, mode):
     return value > best if mode == "max" else value < best
 
 
+# Flags that may change between a run and its resumption without making it another experiment
+RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite", "deterministic", "print_freq"}
+
+
+def _warn_changed_settings(saved, current, path):
+    """Warn when a run is resumed with other settings than it was started with (another
+    --seed or learning rate silently continuing an old run would mix two experiments)."""
+    if not isinstance(saved, dict):
+        return
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}" for k in sorted(saved.keys() & current.keys())
+               if k not in RESUMABLE_CHANGES and str(saved[k]) != str(current[k])]
+    if changed:
+        print(f"warning: '{path}' was started with other settings ({'; '.join(changed)}); it continues "
+              "with its saved weights and optimiser state. To start afresh, use another --output-dir "
+              "or delete that file", file=sys.stderr, flush=True)
+
+
 @_report_rank_failure
 def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_name, args,
         epochs, validate=None, metric_mode="max", lr_scheduler=False, lr_min=1e-6,
@@ -739,6 +756,7 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
             where = (f"epoch {start_epoch}, batch {partial['batches_done']}" if partial
                      else f"epoch {start_epoch - 1} done")
             print(f"Resuming from {files.last} ({where})", flush=True)
+            _warn_changed_settings(state.get("args"), args_dict, files.last)
             _append(files.log, f"Resumed at epoch {start_epoch}")
     elif dist.is_main_process():
         with open(files.log, "w") as f:

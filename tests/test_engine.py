@@ -208,3 +208,13 @@ def test_sample_augmentation_independent_of_workers():
     a = next(iter(engine.make_loader(data, batch_size=8, train=True, workers=0, seed=5)))
     b = next(iter(engine.make_loader(data, batch_size=8, train=True, workers=2, seed=5)))
     assert torch.equal(a["image"], b["image"])
+
+
+def test_resume_with_other_settings_warns(tmp_path, capsys):
+    run(tmp_path, epochs=1, seed=0)
+    capsys.readouterr()
+    run(tmp_path, epochs=2, seed=0)  # more epochs: a plain continuation
+    assert "warning" not in capsys.readouterr().err
+    run(tmp_path, epochs=3, seed=1)
+    err = capsys.readouterr().err
+    assert "other settings (--seed 0 -> 1)" in err and "--output-dir" in err

@@ -651,7 +651,7 @@ def _better(value, best, mode):
 
 
 # Flags that may change between a run and its resumption without making it another experiment
-RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite", "deterministic", "print_freq"}
+RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite", "deterministic"}
 
 
 def _warn_changed_settings(saved, current, path):

@@ -583,7 +583,7 @@ class DepthDataset(_SampleDataset):
 
     def __init__(self, samples, image_size=224, train=False, original=False, transform=None):
         super().__init__(samples)
-        self.image_size, self.original, self.train = image_size, original, train
+        self.image_size, self.original = image_size, original
         self.transform = transform or T.depth_transform(image_size, train)
 
     def __getitem__(self, i):

@@ -1,8 +1,10 @@
 """Evaluation metrics, each defined without the reference's smoothing artefacts.
 
-The reference adds ε to numerator and denominator (ε/ε = 1), which scores a class that is
-never predicted, or an empty prediction, as perfect (ssl4gie.md §8 item 10). Here an undefined
-ratio is reported as such (NaN or a separate count), never as 1.
+The SSL4GIE code scores every ratio as (x + ε) / (y + ε), ε = 1e-8. Where y = 0 that gives
+ε/ε = 1 for a ratio (precision of an empty prediction or of a never-predicted class) and
+2ε/ε = 2.0 for a Dice or F1 score (an image with neither a polyp nor a prediction; a class
+with no test sample and no prediction, which the reference averages into its macro F1).
+Here an undefined ratio is reported as such (NaN or a separate count), never as 1 or 2.
 """
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ def segmentation_scores(pred, target):
     ``dice``, ``iou``, ``precision``, ``recall`` and bool tensors ``both_empty``, ``target_empty``.
 
     A ratio whose denominator is 0 scores 0 (an empty prediction on a polyp, a prediction on
-    an image without one) — the reference's ε/ε gives such cases 1 (ssl4gie.md §8 item 10).
+    an image without one) — the reference's ε smoothing gives such a precision or recall 1.
     An empty prediction on an empty mask has no defined score at all: it is flagged in
     ``both_empty`` (its scores are NaN) and :func:`summarize_segmentation` reports it apart.
     """
@@ -117,7 +119,7 @@ def depth_errors(pred, target, valid=None):
 from gissl.errors import UserError  # noqa: E402  (kept inside this section: shared file)
 
 # Macro scores average over the classes present in the evaluated targets only; a class that is
-# never predicted scores precision 0 (not the reference's ε/ε = 1, ssl4gie.md §8 item 10) and a
+# never predicted scores precision 0 (not the reference's ε/ε = 1) and a
 # class absent from the targets is listed, not averaged in. Definitions equal scikit-learn's
 # `precision_recall_fscore_support(labels=present, zero_division=0)` and torchmetrics' macro
 # metrics (other-methods.md §c.2); tests check them against scikit-learn.

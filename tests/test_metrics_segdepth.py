@@ -1,7 +1,9 @@
 """Segmentation and depth metrics on hand-made inputs with hand-computed values."""
 import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from gissl.metrics import depth_errors, segmentation_scores, summarize_segmentation
@@ -75,3 +77,29 @@ def test_fast_median_equals_numpy():
     x = rng.random(9)
     x[4] = np.nan
     assert np.isnan(_median(x))  # as np.median: a NaN error is not hidden
+
+
+def _reference_segmentation_scores(pred, target, eps=1e-8):
+    """SSL4GIE's per-image scores as its paper code defines them: every ratio (x + ε)/(y + ε)."""
+    p, t = pred.flatten().double(), target.flatten().double()
+    inter, sp, st = (p * t).sum(), p.sum(), t.sum()
+    return {"dice": 2 * (inter + eps) / (sp + st + eps),
+            "iou": (inter + eps) / (sp + st - inter + eps),
+            "precision": (inter + eps) / (sp + eps), "recall": (inter + eps) / (st + eps)}
+
+
+def test_reference_smoothing_scores_empty_images_2():
+    """What the README says of the reference's smoothing is the reference formula's value,
+    and gissl does not inherit it."""
+    empty = torch.zeros(4, 4, dtype=torch.bool)
+    polyp = _mask(slice(0, 2), slice(0, 2))
+    ref = _reference_segmentation_scores(empty, empty)
+    assert ref["dice"].item() == pytest.approx(2.0) and ref["iou"].item() == pytest.approx(1.0)
+    assert ref["precision"].item() == pytest.approx(1.0) and ref["recall"].item() == pytest.approx(1.0)
+    ref = _reference_segmentation_scores(empty, polyp)  # nothing predicted on a polyp
+    assert ref["precision"].item() == pytest.approx(1.0) and ref["dice"].item() < 1e-8
+    ours = segmentation_scores(torch.stack([empty, empty]), torch.stack([empty, polyp]))
+    assert ours["both_empty"].tolist() == [True, False]
+    assert math.isnan(ours["dice"][0].item()) and ours["precision"][1].item() == 0.0
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "neither a polyp nor a prediction gets Dice 2ε/ε = **2.0**" in readme

@@ -64,7 +64,6 @@ def test_all_formats_and_determinism(tmp_path):
     assert os.path.isdir(os.path.join(anat, "labeled-images", "upper-gi-tract", "anatomical-landmarks", "z-line"))
     assert [s["label"] for s in D.hyperkvasir_labelled(anat, "anatomical")] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
-
     c3 = S.generate("C3VD", str(tmp_path / "c3"), num=2, seed=1)
     videos = D.c3vd(c3)
     assert {s["video"] for s in videos} >= set(D.C3VD_VAL_VIDEOS + D.C3VD_TEST_VIDEOS)

@@ -443,9 +443,13 @@ def copy_detection_metrics(pred_queries, pred_refs, pred_scores, gt_pairs):
     prediction (typically k per query); gt_pairs: iterable of (query id, reference id).
     The rank of a ground-truth pair is the number of that query's predictions scoring at
     least as high as it, minus one (ties count against it); a pair never predicted has no
-    rank. Duplicated (query, reference) predictions are an error, as in ISC2021.
+    rank. Duplicated (query, reference) predictions are an error, as in ISC2021. A ground-truth
+    pair listed twice counts twice, as in the ISC2021 / SSCD ``evaluate``: twice in the number
+    of positives that recall divides by (a prediction matches it once) and twice in the rank
+    metrics.
     """
-    gt = {(str(q), str(r)) for q, r in gt_pairs}
+    gt_rows = [(str(q), str(r)) for q, r in gt_pairs]
+    gt = set(gt_rows)
     pairs = [(str(q), str(r)) for q, r in zip(pred_queries, pred_refs)]
     if len(set(pairs)) != len(pairs):
         raise ValueError("predictions contain the same (query, reference) pair twice")
@@ -455,15 +459,15 @@ def copy_detection_metrics(pred_queries, pred_refs, pred_scores, gt_pairs):
     for (q, r), s in zip(pairs, scores):
         by_query.setdefault(q, []).append((r, s))
     ranks = []
-    for q, r in gt:
+    for q, r in gt_rows:
         found = [s for rr, s in by_query.get(q, []) if rr == r]
         if not found:
             ranks.append(np.inf)
             continue
         ranks.append(sum(s >= found[0] for _, s in by_query[q]) - 1)
     ranks = np.asarray(ranks, dtype=np.float64)
-    r90, t90 = recall_at_precision(scores, is_match, len(gt), 0.9)
-    return {"uAP": micro_average_precision(scores, is_match, len(gt)),
+    r90, t90 = recall_at_precision(scores, is_match, len(gt_rows), 0.9)
+    return {"uAP": micro_average_precision(scores, is_match, len(gt_rows)),
             "accuracy@1": float((ranks == 0).mean()),
             "recall@P90": r90, "threshold@P90": t90,
             "recall@10": float((ranks < 10).mean())}

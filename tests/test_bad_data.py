@@ -60,7 +60,7 @@ ENTRY_POINTS = {
                   lambda r: sorted((r / "images").iterdir())[0]),
     "pretrain": ("pretrain.py", "Hyperkvasir_unlabelled", ["--dataset", "folder", "--ss-framework", "barlowtwins",
                                                            "--mlp-dim", "32"],
-                 lambda r: sorted(r.iterdir())[0]),
+                 lambda r: sorted(r.glob("unlabeled-images/images/*.jpg"))[0]),
 }
 
 

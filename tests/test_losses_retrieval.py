@@ -69,6 +69,27 @@ def test_koleo_pushes_apart_and_is_finite_for_duplicates():
     assert spread < value
 
 
+def test_koleo_on_duplicate_rows_is_sscds():
+    """SSCD's entropy term (sscd/train.py, re-derived): for each row the largest similarity to a
+    non-matching embedding, ``d = sqrt(clamp(2 - 2 s, min=1e-6))``, loss ``-mean log d``. An
+    exact duplicate of another instance sits at the clamp, d = 1e-3 (lightly's KoLeoLoss would
+    give d = ||x - y + 1e-8|| and -log(d + 1e-8), about 17.5 per duplicated row instead of 6.9)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 8, generator=g)
+    z = torch.cat([z, z[:2]])  # rows 5, 6 duplicate rows 0, 1 (other instances)
+    zn = torch.nn.functional.normalize(z.double(), dim=1)
+    sim = zn @ zn.t()
+    sim.fill_diagonal_(-100.0)  # SSCD's fill value for the excluded (matching) entries
+    want = -(2 - 2 * sim.max(dim=1).values).clamp(min=1e-6).sqrt().log().mean()
+    assert torch.allclose(koleo(z).double(), want, rtol=1e-6)
+    # the same rows as one instance are matches, not neighbours: no clamp
+    ids = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    sim = zn @ zn.t()
+    sim[ids[:, None] == ids[None, :]] = -100.0
+    want = -(2 - 2 * sim.max(dim=1).values).clamp(min=1e-6).sqrt().log().mean()
+    assert torch.allclose(koleo(z, ids).double(), want, rtol=1e-6)
+
+
 WORKER = textwrap.dedent("""
     import sys, torch
     from gissl import dist

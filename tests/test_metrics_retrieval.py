@@ -51,3 +51,35 @@ def test_precision_and_map_at_k_by_hand():
     assert math.isclose(map_at_k(retrieved, query, 3), ((1 + 2 / 3) / 2 + 1) / 2)
     assert math.isclose(map_at_k(retrieved, query, 3, num_relevant=[4, 3]), ((1 + 2 / 3) / 3 + 1) / 2)
     assert map_at_k(np.array([[0, 0]]), np.array([1]), 2) == 0.0
+
+
+def _isc2021_reference(gt_rows, preds):
+    """The ISC2021 / SSCD ``evaluate`` (sscd/datasets/isc/metrics.py), re-derived: predictions
+    sorted by decreasing (score, not match); recall divides by the number of ground-truth rows
+    as listed; ranks are taken per ground-truth row."""
+    gt_set = set(gt_rows)
+    rows = sorted(((s, (q, r) in gt_set) for q, r, s in preds), key=lambda t: (t[0], not t[1]), reverse=True)
+    tp = np.cumsum([m for _, m in rows])
+    precision, recall = tp / np.arange(1, len(rows) + 1), tp / len(gt_rows)
+    uap = float(((recall - np.concatenate([[0], recall[:-1]])) * precision).sum())
+    ranks = []
+    for q, r in gt_rows:
+        mine = [(s, rr == r) for qq, rr, s in preds if qq == q]
+        hit = [s for s, m in mine if m]
+        ranks.append(sum(s >= hit[0] for s, _ in mine) - 1 if hit else 1 << 35)
+    ranks = np.array(ranks)
+    return uap, float((ranks == 0).mean()), float((ranks < 10).mean())
+
+
+def test_duplicated_ground_truth_rows_count_as_in_isc2021():
+    gt = [("a", "x"), ("a", "x"), ("b", "y"), ("c", "w")]
+    preds = [("a", "x", 0.9), ("b", "z", 0.8), ("b", "y", 0.7), ("c", "v", 0.6)]
+    q, r, s = zip(*preds)
+    m = copy_detection_metrics(q, r, s, gt)
+    uap, acc1, r10 = _isc2021_reference(gt, preds)
+    assert math.isclose(uap, 1 / 4 + 1 / 4 * 2 / 3)  # 4 positives: M N M N
+    assert math.isclose(m["uAP"], uap) and math.isclose(m["accuracy@1"], acc1)
+    assert math.isclose(m["recall@10"], r10)
+    # a duplicated prediction is an error in ISC2021 ("Predictions contains duplicates")
+    with pytest.raises(ValueError):
+        copy_detection_metrics(q + ("a",), r + ("x",), s + (0.1,), gt)

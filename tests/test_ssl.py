@@ -71,16 +71,131 @@ def test_mae_encoder_sees_visible_patches_and_loss_is_on_masked_only():
 def test_sincos_and_patchify():
     emb = sincos_pos_embed(3, 5, 8)
     assert emb.shape == (1, 16, 8) and torch.all(emb[0, 0] == 0)
-    row, col = 2, 3  # token 1 + 2*5 + 3; omega_k = 10000^(-k/2) for dim 8
+    row, col = 2, 3  # token 1 + 2*5 + 3; omega_k = 10000^(-k/2) for dim 8; column half first (MAE)
     tok = emb[0, 1 + row * 5 + col]
-    want = [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100),
-            math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]
+    want = [math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100),
+            math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100)]
     assert torch.allclose(tok, torch.tensor(want), atol=1e-6)
     imgs = torch.randn(2, 3, 32, 48)
     x = patchify(imgs, 16)
     assert x.shape == (2, 6, 768)
     assert torch.equal(x[0, 1].reshape(16, 16, 3), imgs[0, :, :16, 16:32].permute(1, 2, 0))
     assert torch.equal(unpatchify(x, 16, 2, 3), imgs)
+
+
+def _official_mae_pos_embed(dim, grid):
+    """The official MAE ``util/pos_embed.py`` definition, re-derived: per-axis 1-D embeddings
+    with omega = 1 / 10000^(i / (D/4)), sin then cos; the grid is ``np.meshgrid(grid_w, grid_h)``
+    so the first half encodes the column; a zero row for the CLS token."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    g = np.arange(grid, dtype=np.float64)
+    first, second = np.meshgrid(g, g)  # (w, h): first[i, j] = j, the column
+    emb = np.concatenate([one_axis(dim // 2, first), one_axis(dim // 2, second)], axis=1)
+    return np.concatenate([np.zeros((1, dim)), emb], axis=0)
+
+
+def _official_mocov3_pos_embed(dim, grid):
+    """The official MoCo v3 ``vits.py`` ``build_2d_sincos_position_embedding``, re-derived:
+    ``torch.meshgrid(grid_w, grid_h)`` with its default "ij" indexing, omega = 1 / 10000^(i/(D/4)),
+    channels [sin(w), cos(w), sin(h), cos(h)], then a zero CLS row."""
+    g = torch.arange(grid, dtype=torch.float64)
+    gw, gh = torch.meshgrid(g, g, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ow, oh = gw.flatten()[:, None] * omega, gh.flatten()[:, None] * omega
+    emb = torch.cat([ow.sin(), ow.cos(), oh.sin(), oh.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).numpy()
+
+
+def test_sincos_pos_embed_matches_official_mae_and_mocov3():
+    ref = _official_mae_pos_embed(32, 6)
+    assert np.allclose(sincos_pos_embed(6, 6, 32)[0].numpy(), ref, atol=1e-6)
+    mae = _model("mae", "vit_t")  # 64 px / 16 = 4x4 grid, encoder and decoder
+    assert np.allclose(mae.encoder.pos_embed[0].numpy(), _official_mae_pos_embed(mae.encoder.embed_dim, 4),
+                       atol=1e-6)
+    moco = _model("mocov3", "vit_t")
+    assert np.allclose(moco.encoder.pos_embed[0].numpy(),
+                       _official_mocov3_pos_embed(moco.encoder.embed_dim, 4), atol=1e-6)
+
+
+def _official_mocov3_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+    """facebookresearch/moco-v3 ``_build_mlp``, re-derived from its definition: bias-free
+    Linear layers, BN + ReLU after every hidden one, BatchNorm1d(affine=False) after the last
+    one when ``last_bn``."""
+    layers = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        layers.append(torch.nn.Linear(input_dim if i == 0 else mlp_dim, output_dim if last else mlp_dim,
+                                      bias=False))
+        if not last:
+            layers += [torch.nn.BatchNorm1d(mlp_dim), torch.nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(torch.nn.BatchNorm1d(output_dim, affine=False))
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_t"])
+def test_mocov3_heads_and_loss_match_official(arch):
+    model = _model("mocov3", arch)
+    vit = arch.startswith("vit")
+    dim, mlp_dim, t = SMALL["mocov3"]["dim"], SMALL["mocov3"]["mlp_dim"], model.temperature
+    # MoCo_ResNet: projector 2 layers, predictor 2 layers without last BN;
+    # MoCo_ViT: projector 3 layers, predictor 2 layers with last BN.
+    projector = _official_mocov3_mlp(3 if vit else 2, model.encoder.embed_dim, mlp_dim, dim)
+    momentum_projector = _official_mocov3_mlp(3 if vit else 2, model.encoder.embed_dim, mlp_dim, dim)
+    predictor = _official_mocov3_mlp(2, dim, mlp_dim, dim, last_bn=vit)
+    # strict: same parameter and buffer names as the official heads (``fc.N.*`` / ``head.N.*``,
+    # ``predictor.N.*``)
+    projector.load_state_dict(model.projector.state_dict())
+    momentum_projector.load_state_dict(model.momentum_projector.state_dict())
+    predictor.load_state_dict(model.predictor.state_dict())
+
+    def ctr(q, k):  # the official contrastive_loss
+        q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+        return torch.nn.functional.cross_entropy(q @ k.t() / t, torch.arange(q.shape[0])) * 2 * t
+
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(6, 3, SIZE, SIZE), torch.randn(6, 3, SIZE, SIZE)
+    with torch.no_grad():
+        q1, q2 = (predictor(projector(model.encoder(x))) for x in (x1, x2))
+        k1, k2 = (momentum_projector(model.momentum_encoder(x)) for x in (x1, x2))
+        want = ctr(q1, k2) + ctr(q2, k1)
+        got = model(x1, x2)["infonce"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-6)
+
+
+def test_simsiam_heads_and_loss_match_official():
+    model = _model("simsiam", "resnet18")
+    prev_dim, dim, pred_dim = model.encoder.embed_dim, SMALL["simsiam"]["dim"], SMALL["simsiam"]["pred_dim"]
+    nn = torch.nn
+    # facebookresearch/simsiam builder.py: hidden layers of the encoder's width (prev_dim), the
+    # output Linear's bias frozen and followed by BN(affine=False); bottleneck predictor.
+    projector = nn.Sequential(nn.Linear(prev_dim, prev_dim, bias=False), nn.BatchNorm1d(prev_dim), nn.ReLU(),
+                              nn.Linear(prev_dim, prev_dim, bias=False), nn.BatchNorm1d(prev_dim), nn.ReLU(),
+                              nn.Linear(prev_dim, dim), nn.BatchNorm1d(dim, affine=False))
+    predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(),
+                              nn.Linear(pred_dim, dim))
+    missing = projector.load_state_dict(model.projector.state_dict(), strict=False)
+    assert missing.missing_keys == ["6.bias"] and not missing.unexpected_keys
+    with torch.no_grad():
+        projector[6].bias.uniform_(-1, 1)  # any frozen bias: BN in training removes it
+    predictor.load_state_dict(model.predictor.state_dict())
+
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(6, 3, SIZE, SIZE), torch.randn(6, 3, SIZE, SIZE)
+    with torch.no_grad():
+        z1, z2 = projector(model.encoder(x1)), projector(model.encoder(x2))
+        p1, p2 = predictor(z1), predictor(z2)
+        cos = torch.nn.functional.cosine_similarity
+        want = -(cos(p1, z2).mean() + cos(p2, z1).mean()) * 0.5
+        got = model(x1, x2)["simsiam"]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    # FPSiam keeps its own official widths: FPN channels -> dim -> dim -> dim
+    fp = _model("fpsiam", "resnet18")
+    c, d = SMALL["fpsiam"]["fpn_channels"], SMALL["fpsiam"]["dim"]
+    assert [tuple(m.weight.shape) for m in fp.projector if isinstance(m, nn.Linear)] == [(d, c), (d, d), (d, d)]
 
 
 def test_fpn_outputs_p2_and_p5():

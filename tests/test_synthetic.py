@@ -64,9 +64,6 @@ def test_all_formats_and_determinism(tmp_path):
     assert os.path.isdir(os.path.join(anat, "labeled-images", "upper-gi-tract", "anatomical-landmarks", "z-line"))
     assert [s["label"] for s in D.hyperkvasir_labelled(anat, "anatomical")] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
-    un = S.generate("Hyperkvasir_unlabelled", str(tmp_path / "un"), num=5, seed=1)
-    assert len(os.listdir(un)) == 5 and all(f.endswith(".jpg") for f in os.listdir(un))
-
     c3 = S.generate("C3VD", str(tmp_path / "c3"), num=2, seed=1)
     videos = D.c3vd(c3)
     assert {s["video"] for s in videos} >= set(D.C3VD_VAL_VIDEOS + D.C3VD_TEST_VIDEOS)
@@ -155,3 +152,20 @@ def test_cli(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     with pytest.raises(UserError, match="unknown synthetic dataset"):
         S.synthetic_root("Kvasirr")
+
+
+def test_unlabelled_is_in_the_hyperkvasir_release_layout(tmp_path):
+    # hyper-kvasir-unlabeled-images.zip unpacks to unlabeled-images/images/*.jpg
+    un = S.generate("Hyperkvasir_unlabelled", str(tmp_path / "un"), num=5, seed=1)
+    assert os.listdir(un) == ["unlabeled-images"]
+    assert os.listdir(os.path.join(un, "unlabeled-images")) == ["images"]
+    files = sorted(os.listdir(os.path.join(un, "unlabeled-images", "images")))
+    assert len(files) == 5 and all(f.endswith(".jpg") for f in files)
+    # --data-root at the unpack folder, at unlabeled-images or at images: the same five images;
+    # the labelled release unpacked beside it is not read
+    S.generate("Hyperkvasir_anatomical", os.path.join(un, "labelled"), num=1, seed=1)
+    os.rename(os.path.join(un, "labelled", "labeled-images"), os.path.join(un, "labeled-images"))
+    want = [os.path.join(un, "unlabeled-images", "images", f) for f in files]
+    for root in (un, os.path.join(un, "unlabeled-images"), os.path.join(un, "unlabeled-images", "images")):
+        assert [s["image"] for s in D.image_folder(root)] == want, root
+        assert len(D.build_unlabelled_dataset(root)) == 5

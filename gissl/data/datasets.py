@@ -337,10 +337,22 @@ def class_folder(root, skip_bad=False):
     return samples, classes
 
 
+def _unlabelled_images_root(root):
+    """``root``'s HyperKvasir ``unlabeled-images`` folder when it holds one (``--data-root`` at the
+    folder the release was unpacked into, perhaps next to ``labeled-images``), else ``root``."""
+    for c in (os.path.join(root, "unlabeled-images"), os.path.join(root, "hyper-kvasir", "unlabeled-images")):
+        if os.path.isdir(c):
+            return c
+    return root
+
+
 def image_folder(root, skip_bad=False):
-    """Every image under ``root`` (flat or nested, e.g. HyperKvasir ``unlabeled-images/images``),
-    sorted by path. Returns ``[{"image", "size"}]``."""
+    """Every image under ``root`` (flat or nested), sorted by path. For HyperKvasir-unlabelled
+    (``unlabeled-images/images/*.jpg``) ``root`` may be ``images``, ``unlabeled-images`` or the
+    folder that holds it; only ``unlabeled-images`` is read then, not the labelled release
+    unpacked beside it. Returns ``[{"image", "size"}]``."""
     _require_dir(root, "image")
+    root = _unlabelled_images_root(root)
     bad, files = [], _walk_images(root)
     checked = _check_all(files)
     samples = [{"image": f, "size": size} for f in files if (size := _checked(f, bad, checked)) is not None]

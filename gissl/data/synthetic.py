@@ -32,7 +32,7 @@ from PIL import Image
 
 from gissl.errors import UserError
 
-VERSION = 3  # bump when the rendering changes so cached copies are regenerated
+VERSION = 4  # bump when the rendering changes so cached copies are regenerated
 DATASETS = ("Kvasir", "CVC", "Hyperkvasir_anatomical", "Hyperkvasir_pathological", "Hyperkvasir_unlabelled", "C3VD")
 # --num meaning per dataset: images (Kvasir, CVC, unlabelled), images per class (HyperKvasir),
 # frames per video (C3VD).
@@ -377,7 +377,9 @@ def _write_hyperkvasir(out, num, rng, subset):
 
 def _write_unlabelled(out, num, rng):
     from gissl.data.datasets import HYPERKVASIR_LAYOUT
-    os.makedirs(out, exist_ok=True)
+    # hyper-kvasir-unlabeled-images.zip unpacks to unlabeled-images/images/*.jpg
+    out = os.path.join(out, "unlabeled-images", "images")
+    os.makedirs(out)
     for _ in range(num):
         h, w = int(rng.integers(224, 300)), int(rng.integers(280, 360))
         if rng.random() < 0.3:

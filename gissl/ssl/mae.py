@@ -14,12 +14,18 @@ from gissl.losses import masked_patch_mse
 from gissl.models.vit import Block
 
 
-def sincos_pos_embed(h, w, dim, cls_token=True):
+def sincos_pos_embed(h, w, dim, cls_token=True, rows_first=False):
     """Fixed 2-D sine-cosine position embedding (Vaswani et al. 2017, per axis).
 
-    Returns (1, [1 +] h*w, dim), tokens row by row; the first half of the channels encodes
-    the row, the second half the column, each as [sin(pos * omega_k), cos(pos * omega_k)]
-    with ``omega_k = 10000^(-k / (dim/4))``. The CLS position (when asked for) is zeros.
+    Returns (1, [1 +] h*w, dim), tokens row by row. Each axis gets half of the channels as
+    [sin(pos * omega_k), cos(pos * omega_k)] with ``omega_k = 10000^(-k / (dim/4))``; the CLS
+    position (when asked for) is zeros. Which axis comes first follows the official code:
+
+    - MAE (facebookresearch/mae, ``util/pos_embed.py``: ``np.meshgrid(grid_w, grid_h)``, "here
+      w goes first"): the first half encodes the column, the second the row (the default);
+    - MoCo v3 (facebookresearch/moco-v3, ``vits.py``: ``torch.meshgrid(grid_w, grid_h)`` with
+      "ij" indexing, then ``[sin(w), cos(w), sin(h), cos(h)]``): on its square grids the first
+      half ends up encoding the row of the token, the second its column (``rows_first=True``).
     """
     if dim % 4:
         raise UserError(f"sine-cosine position embedding needs a width divisible by 4, got {dim}")
@@ -32,17 +38,19 @@ def sincos_pos_embed(h, w, dim, cls_token=True):
         angles = pos.reshape(-1, 1) * omega  # (h*w, dim/4)
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    emb = torch.cat([axis(rows), axis(cols)], dim=1).float()
+    halves = (rows, cols) if rows_first else (cols, rows)
+    emb = torch.cat([axis(p) for p in halves], dim=1).float()
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
     return emb.unsqueeze(0)
 
 
-def set_sincos_pos_embed(vit):
+def set_sincos_pos_embed(vit, rows_first=False):
     """Make a ViT's ``pos_embed`` the fixed 2-D sine-cosine embedding (not trained), as MAE
-    and MoCo v3 (§4, "we use the 2-D sin-cos position embedding")."""
+    and MoCo v3 (§4, "we use the 2-D sin-cos position embedding"); ``rows_first`` as in
+    :func:`sincos_pos_embed`."""
     with torch.no_grad():
-        vit.pos_embed.copy_(sincos_pos_embed(*vit.pos_grid, vit.embed_dim))
+        vit.pos_embed.copy_(sincos_pos_embed(*vit.pos_grid, vit.embed_dim, rows_first=rows_first))
     vit.pos_embed.requires_grad_(False)
 
 

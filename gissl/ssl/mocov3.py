@@ -15,9 +15,12 @@ from gissl.ssl.mlp import mlp
 class MoCoV3(nn.Module):
     """forward(x1, x2 (N, 3, H, W)) -> {"infonce": loss}.
 
-    Heads (paper §4, Appendix): projector MLP with 4096-d hidden layers and a 256-d output
-    (2 layers for ResNets, 3 for ViTs), predictor 2-layer MLP 256 -> 4096 -> 256, BN in every
-    hidden layer. Temperature 1.0 for ResNets and 0.2 for ViTs. ViTs get the fixed 2-D
+    Heads (paper §4, Appendix; facebookresearch/moco-v3 ``moco/builder.py``): projector MLP with
+    4096-d hidden layers and a 256-d output (2 layers for ResNets, 3 for ViTs), predictor 2-layer
+    MLP 256 -> 4096 -> 256; bias-free Linear layers, BN + ReLU in every hidden layer, and a
+    final BN without affine on every projector and on the ViT predictor (the official
+    ``MoCo_ViT`` builds its predictor with ``last_bn`` on, ``MoCo_ResNet`` with it off).
+    Temperature 1.0 for ResNets and 0.2 for ViTs. ViTs get the fixed 2-D
     sin-cos position embedding and, with ``stop_grad_patch_embed``, a random patch projection
     that is never trained (§5, the paper's fix for training instability).
     The momentum copies are updated by :meth:`update_momentum` after every optimiser step.
@@ -30,12 +33,12 @@ class MoCoV3(nn.Module):
         self.encoder = encoder
         self.temperature = temperature if temperature is not None else (0.2 if vit else 1.0)
         if vit:
-            set_sincos_pos_embed(encoder)
+            set_sincos_pos_embed(encoder, rows_first=True)
             if stop_grad_patch_embed:
                 encoder.patch_embed.requires_grad_(False)
         hidden = [mlp_dim] * (2 if vit else 1)
         self.projector = mlp([encoder.embed_dim, *hidden, dim])
-        self.predictor = mlp([dim, mlp_dim, dim], last_bn=False)
+        self.predictor = mlp([dim, mlp_dim, dim], last_bn=vit)
         self.momentum_encoder = copy.deepcopy(encoder)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in (*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()):

@@ -8,11 +8,17 @@ from gissl.losses import simsiam
 from gissl.ssl.mlp import mlp
 
 
-def simsiam_heads(in_dim, dim=2048, pred_dim=512):
-    """SimSiam's heads (paper §3 "Baseline settings"): projector 3 layers in -> dim -> dim -> dim
-    with BN on every layer (no ReLU on the output); predictor dim -> pred_dim -> dim with BN
-    and ReLU on the hidden layer only (a bottleneck)."""
-    projector = mlp([in_dim, dim, dim, dim], last_bn=True)
+def simsiam_heads(in_dim, dim=2048, pred_dim=512, hidden=None):
+    """SimSiam's heads (paper §3 "Baseline settings"; facebookresearch/simsiam
+    ``simsiam/builder.py``). Projector, 3 layers in -> hidden -> hidden -> dim, ``hidden``
+    defaulting to the encoder's width as in the official code (2048 on ResNet-50, 512 on
+    ResNet-18): BN on every layer, the last without affine, no ReLU on the output. Predictor
+    dim -> pred_dim -> dim, BN and ReLU on the hidden layer only (a bottleneck), its output
+    Linear with a bias. The official projector's output Linear has a bias frozen at its
+    initial value; the BN right after it subtracts the batch mean, so leaving the bias out is
+    the same function in training."""
+    hidden = in_dim if hidden is None else hidden
+    projector = mlp([in_dim, hidden, hidden, dim], last_bn=True)
     predictor = mlp([dim, pred_dim, dim], last_bn=False, last_bias=True)
     return projector, predictor
 
@@ -69,7 +75,9 @@ class FPSiam(nn.Module):
         self.encoder = encoder
         self.lam = lam
         self.fpn = FPN(encoder.feature_dims, fpn_channels)
-        self.projector, self.predictor = simsiam_heads(fpn_channels, dim, pred_dim)
+        # FPSiam's projector (its config: hid_channels = out_channels = 2048) widens the 256
+        # FPN channels to ``dim`` in its first layer, unlike SimSiam's.
+        self.projector, self.predictor = simsiam_heads(fpn_channels, dim, pred_dim, hidden=dim)
 
     def _levels(self, x):
         p2, p5 = self.fpn(self.encoder.forward_features(x))

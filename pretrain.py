@@ -26,7 +26,7 @@ from gissl.checkpoint import save_atomic
 from gissl.data import build_unlabelled_dataset
 from gissl.engine import build_optimizer, fit, make_loader
 from gissl.errors import UserError
-from gissl.models import build_encoder
+from gissl.models import build_encoder, vit_num_heads
 from gissl.ssl import VIEWS, build_ssl_model, cosine_momentum, export_encoder, recipe, warmup_cosine
 
 DATASETS = ("Hyperkvasir_unlabelled", "folder")
@@ -109,7 +109,8 @@ def build_model(args, device):
     (e.g. ImageNet_class, FPSiam's recipe; or continued pretraining from an SSL checkpoint)."""
     # --ss-framework names the method to train; it describes --checkpoint only for SSL weights
     ss = args.ss_framework if args.pretraining in ("Hyperkvasir", "ImageNet_self") else None
-    encoder = build_encoder(args.arch, args.pretraining, ss, args.checkpoint, img_size=args.image_size)
+    encoder = build_encoder(args.arch, args.pretraining, ss, args.checkpoint, img_size=args.image_size,
+                            num_heads=vit_num_heads(args.arch, args.ss_framework))  # MoCo v3's ViT-S: 12
     model = build_ssl_model(args.ss_framework, encoder, **head_kwargs(args))
     if dist.get_world_size() > 1 and device.type == "cuda":
         # the heads' BatchNorm sees the global batch, as every method's paper (SyncBN)

@@ -4,7 +4,9 @@ A checkpoint is data, never code: every read goes through ``torch.load(weights_o
 (or safetensors), and every write goes to a temporary file in the same folder that is
 then renamed over the target, so a crash never leaves a half-written checkpoint behind.
 """
+import argparse
 import os
+import pathlib
 import pickle
 import random
 import tempfile
@@ -17,6 +19,13 @@ from gissl.errors import CheckpointError
 
 # what to do about a file that is cut short or is something else under a checkpoint's name
 _AGAIN = "copy or download it again, or pass the path of the right file"
+# Plain-data classes that official training scripts pickle beside the weights, allowed on top
+# of torch's weights-only set: MAE's, DINO's and EndoFinder's checkpoints store their
+# command line as 'args': argparse.Namespace(...) (a bag of attributes; unpickling one only
+# sets them). Their values are str/int/float/bool/list/tuple/None; forks of these scripts often
+# add pathlib paths (e.g. output_dir), which only hold strings. No class here runs code or I/O.
+SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                pathlib.PureWindowsPath)
 
 
 def load_file(path):
@@ -51,8 +60,17 @@ def load_file(path):
         raise CheckpointError(f"cannot read checkpoint '{path}': the file is truncated or is not "
                               "a PyTorch checkpoint (it is neither a torch.save archive nor a pickle); "
                               f"{_AGAIN}")
+    if head.startswith(b"PK") and _is_torchscript(path):
+        raise CheckpointError(
+            f"'{path}' is a TorchScript program (a compiled model saved with torch.jit.save, e.g. SSCD's "
+            "*.torchscript.pt), not a checkpoint of weights; gissl loads weights only and never runs a "
+            "file's code. Use the plain weights file of the same model instead (SSCD publishes "
+            "sscd_disc_mixup.torchvision.pt beside sscd_disc_mixup.torchscript.pt), or, if you trust the file, "
+            f"extract its weights: python -c \"import torch; torch.save(torch.jit.load('{path}').state_dict(), "
+            "'weights.pth')\" and pass weights.pth with --checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = [line.strip() for line in str(e).splitlines() if "unsupported" in line.lower()]
         raise CheckpointError(
@@ -64,6 +82,17 @@ def load_file(path):
         raise CheckpointError(
             f"cannot read checkpoint '{path}': the file is truncated or is not a PyTorch "
             f"checkpoint ({type(e).__name__}: {_first_sentence(e)}); {_AGAIN}") from None
+
+
+def _is_torchscript(path):
+    """True for a ``torch.jit.save`` archive: its zip holds the program's ``code/`` and a
+    ``constants.pkl``, which ``torch.save`` archives never do."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False  # reported by torch.load below as truncated / not a checkpoint
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
 def _first_sentence(e):

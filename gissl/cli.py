@@ -181,9 +181,10 @@ def encoder_from_args(args, **kwargs):
     Eval and predict build a randomly initialised encoder: the finetuned checkpoint
     overwrites every weight, so nothing pretrained needs to be present (the reference
     downloaded ImageNet weights only to overwrite them, ssl4gie.md §8 item 4)."""
-    from gissl.models import build_encoder
+    from gissl.models import build_encoder, vit_num_heads
     if getattr(args, "stage", "train") != "train":
-        return build_encoder(args.arch, **kwargs)
+        # the head count follows --ss-framework (MoCo v3's ViT-S), as when training
+        return build_encoder(args.arch, num_heads=vit_num_heads(args.arch, args.ss_framework), **kwargs)
     return build_encoder(args.arch, pretraining=args.pretraining, ss_framework=args.ss_framework,
                          checkpoint=args.checkpoint, **kwargs)
 

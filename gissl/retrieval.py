@@ -680,13 +680,14 @@ def load_model(args, device):
     import argparse
     from gissl import cli
     from gissl.engine import compile_model, prepare_for_eval
-    from gissl.models import build_encoder
+    from gissl.models import build_encoder, vit_num_heads
     torch.manual_seed(args.seed)  # --untrained: the same random init as train_retrieval.py
     if args.untrained:
         model = build_model(args, build_encoder(args.arch, args.pretraining, args.ss_framework, args.checkpoint,
                                                 img_size=args.image_size))
     else:
-        model = build_model(args, build_encoder(args.arch, img_size=args.image_size))
+        model = build_model(args, build_encoder(args.arch, img_size=args.image_size,
+                                                num_heads=vit_num_heads(args.arch, args.ss_framework)))
         named = argparse.Namespace(**vars(args))
         named.dataset, named.task = args.train_dataset, "retrieval"
         cli.load_trained(model, named, path=args.weights)

@@ -6,6 +6,7 @@ one way scripts get an encoder. Every encoder has ``embed_dim``, ``forward(x) ->
 ``architecture``. Nothing downloads: ImageNet weights are local files (see ``imagenet_class_file``).
 """
 import glob
+import inspect
 import os
 
 import torch
@@ -16,7 +17,7 @@ from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
 from gissl.models.vit import VisionTransformer, vit_b, vit_s, vit_t
 
 __all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "load_pretrained",
-           "describe_state_dict", "imagenet_class_file", "is_vit", "ResNetEncoder", "VisionTransformer"]
+           "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "ResNetEncoder", "VisionTransformer"]
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "vit_t": vit_t, "vit_s": vit_s, "vit_b": vit_b}
 PRETRAININGS = ("Hyperkvasir", "ImageNet_self", "ImageNet_class", "random")
@@ -42,6 +43,22 @@ _IMAGENET_HOWTO = {
 }
 
 
+# Architectures whose attention-head count depends on the SSL framework that trains them. The
+# head count is not in the weights (it only splits the qkv projection), so a file loads into
+# either model and only the features differ: it must follow from the flags. MoCo v3's ViT-S
+# (facebookresearch/moco-v3 vits.py, vit_small) has 12 heads where timm / DeiT-S / DINO have 6.
+_FRAMEWORK_HEADS = {("vit_s", "mocov3"): 12}
+
+
+def vit_num_heads(architecture, ss_framework=None):
+    """Attention heads of ``architecture`` as trained by ``ss_framework`` (None: the default).
+
+    ``--architecture vit_s --ss-framework mocov3`` is MoCo v3's ViT-S (12 heads) in pretrain,
+    finetune, eval and predict alike; every other combination keeps the architecture's own count.
+    """
+    return _FRAMEWORK_HEADS.get((architecture, ss_framework))
+
+
 def is_vit(architecture):
     """True for the ViT architectures (vit_t, vit_s, vit_b)."""
     return architecture.startswith("vit")
@@ -52,7 +69,7 @@ def _family(architecture):
 
 
 def build_encoder(architecture, pretraining="random", ss_framework=None, checkpoint=None, *,
-                  img_size=224, window_size=None, window_blocks=()):
+                  img_size=224, window_size=None, window_blocks=(), num_heads=None):
     """Build an encoder and load its pretrained weights (all local files).
 
     architecture: one of ``ARCHITECTURES``. pretraining: ``Hyperkvasir`` / ``ImageNet_self``
@@ -60,18 +77,31 @@ def build_encoder(architecture, pretraining="random", ss_framework=None, checkpo
     ImageNet weights from the torch hub cache, or ``checkpoint``), or ``random``.
     img_size: ViT position-embedding grid (other sizes are interpolated at run time).
     window_size / window_blocks: ViT windowed attention (``window_blocks=()`` with a window
-    size means every block but ``out_indices``, the ViTDet pattern). Invalid combinations
+    size means every block but ``out_indices``, the ViTDet pattern). num_heads: ViT attention
+    heads (default: ``vit_num_heads(architecture, ss_framework)``, else the architecture's own;
+    pass it where the model is rebuilt without ``ss_framework``, e.g. eval). Invalid combinations
     raise :class:`UserError`; unreadable or non-fitting files :class:`CheckpointError`.
     """
     check_combination(architecture, pretraining, ss_framework, checkpoint)
     if window_size is not None and not is_vit(architecture):
         raise UserError(f"windowed attention needs a ViT; {architecture} is a ResNet")
-    encoder = ARCHITECTURES[architecture](img_size=img_size)
+    num_heads = num_heads or vit_num_heads(architecture, ss_framework)
+    if num_heads is not None and not is_vit(architecture):
+        raise UserError(f"attention heads were given for {architecture}, which is a ResNet")
+    kwargs = {"num_heads": num_heads} if num_heads is not None else {}
+    encoder = ARCHITECTURES[architecture](img_size=img_size, **kwargs)
     if window_size is not None:
         encoder.set_window_attention(window_size, list(window_blocks) or None)
     if pretraining in ("Hyperkvasir", "ImageNet_self"):
         load_pretrained(encoder, checkpoint, ss_framework)
     elif pretraining == "ImageNet_class":
+        standard = inspect.signature(ARCHITECTURES[architecture]).parameters["num_heads"].default \
+            if is_vit(architecture) else None
+        if is_vit(architecture) and encoder.num_heads != standard:
+            # timm's ImageNet ViT-S has 6 heads: its weights would load into a 12-head model unnoticed
+            raise UserError(f"--pretraining ImageNet_class loads timm's {architecture} ({standard} attention heads), "
+                            f"but this {architecture} is built with {encoder.num_heads} heads (MoCo v3's ViT-S); "
+                            f"use --pretraining random, or --architecture vit_b / vit_t")
         load_pretrained(encoder, checkpoint or imagenet_class_file(architecture))
     return encoder
 

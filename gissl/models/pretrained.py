@@ -9,10 +9,14 @@ Layouts understood (all read through ``gissl.checkpoint.load_file``, i.e. as dat
   with ``encoder.*`` / ``momentum_encoder.*``; gissl's finetuned checkpoints with ``encoder.*``).
 
 The encoder is found as the key prefix under which most of the encoder's own parameter names
-occur (a momentum / teacher copy loses ties). Heads, projectors and decoders of the source
-(``fc.*``, ``head.*``, ``mask_token``, ``decoder_*``) are dropped on purpose; every other
-difference (missing, unexpected or mis-shaped key) is an error naming the keys and saying which
-architecture the file holds. A ``pos_embed`` of another grid size is interpolated.
+occur; on a tie the query / base / student / online encoder wins over its key / momentum /
+teacher / target copy (MoCo v2 ``encoder_q`` over ``encoder_k``), and a tie that rule cannot
+settle is refused, never left to set order. Also understood: MoCo v1/v2 files
+(``module.encoder_q.*``) and MAE / EndoFinder files that pickle ``'args'`` as an
+``argparse.Namespace``; DINO's student/teacher training file is refused with what to do. Heads,
+projectors and decoders of the source (``fc.*``, ``head.*``, ``mask_token``, ``decoder_*``) are
+dropped on purpose; every other difference (missing, unexpected or mis-shaped key) is an error
+naming the keys and saying which architecture the file holds. A ``pos_embed`` of another grid size is interpolated.
 """
 import math
 import re
@@ -32,7 +36,11 @@ _DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_")
 _DROPPED_KEYS = ("mask_token",)
 # Names that identify where an encoder starts inside a larger state dict.
 _ANCHORS = ("pos_embed", "cls_token", "patch_embed.proj.weight", "layer1.0.conv1.weight")
-_SECONDARY_COPY = re.compile(r"momentum|teacher|ema", re.IGNORECASE)
+# The copy to use (MoCo v1/v2 encoder_q, MoCo v3 base_encoder, BYOL online, student) and the
+# slowly-updated copy beside it (encoder_k, momentum_encoder, target, teacher, EMA); the names
+# are matched as whole words of the prefix, split at '.' and '_'.
+_PRIMARY_COPY = {"q", "query", "base", "online", "student"}
+_SECONDARY_COPY = {"k", "key", "momentum", "target", "teacher", "ema"}
 _VIT_NAMES = {192: "ViT-T", 384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
 _RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
                   ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
@@ -46,17 +54,22 @@ def load_pretrained(encoder, path, ss_framework=None):
     Raises :class:`CheckpointError` for unreadable/unsafe files, non-finite values, and any
     key that does not fit (naming the keys and the architecture the file holds).
     """
-    state = _find_state_dict(load_file(path), path)
+    obj = load_file(path)
+    _check_described_architecture(obj, encoder, path)
+    state = _find_state_dict(obj, path)
     expected = encoder.state_dict()
-    prefix = _encoder_prefix(state, expected.keys())
+    prefix = _encoder_prefix(state, expected.keys(), path)
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     dropped = sorted(k for k in weights if k not in expected and _is_dropped(k))
     for k in dropped:
         del weights[k]
     # Files written before BatchNorm had this buffer (e.g. torchvision's resnet50-19c8e357.pth)
-    # lack it; it only counts batches and is not used with the default momentum.
+    # lack it; it only counts batches and is not used with the default momentum. Only layers
+    # the file has get it, so the file is still described by its own keys (a ResNet-18 file
+    # given to a ResNet-50 must not gain the ResNet-50's extra blocks).
     for k, v in expected.items():
-        if k.endswith("num_batches_tracked") and k not in weights:
+        stats = k[:-len("num_batches_tracked")] + "running_mean"
+        if k.endswith("num_batches_tracked") and k not in weights and stats in weights:
             weights[k] = v.clone()
     if "pos_embed" in weights and "pos_embed" in expected:
         weights["pos_embed"] = _fit_pos_embed(weights["pos_embed"], encoder, path)
@@ -133,6 +146,36 @@ def describe_state_dict(state):
     return None, f"an unrecognised layout (first keys: {_names(keys, 5)})"
 
 
+def _check_described_architecture(obj, encoder, path):
+    """Refuse a file whose own description (MoCo v3's ``'arch'``, gissl's ``'args'``) says it was
+    trained as another model than ``encoder``: the attention-head count is not in the weights, so
+    loading would succeed and give other features."""
+    if not isinstance(obj, dict) or not hasattr(encoder, "num_heads"):
+        return
+    from gissl.models import vit_num_heads  # the package's table, imported late (it imports us)
+    built, heads = getattr(encoder, "architecture", "?"), encoder.num_heads
+    state = obj.get("state_dict")
+    if isinstance(obj.get("arch"), str) and isinstance(state, dict) and \
+            any(k.startswith("module.base_encoder.") for k in state):
+        # MoCo v3 (facebookresearch/moco-v3 vits.py): vit_small and vit_base both have 12 heads
+        arch = obj["arch"]
+        want = {"vit_small": ("vit_s", 12), "vit_base": ("vit_b", 12)}.get(arch)
+        if want is not None and (built, heads) != want:
+            raise CheckpointError(
+                f"checkpoint '{path}' is MoCo v3's {arch} ('arch' in the file), a {want[0]} with {want[1]} "
+                f"attention heads, but the encoder being built is {built} with {heads} heads; load it with "
+                f"--architecture {want[0]} --ss-framework mocov3 (which builds MoCo v3's {want[1]}-head model)")
+        return
+    args = obj.get("args")
+    if isinstance(args, dict) and isinstance(args.get("arch"), str) and isinstance(obj.get("model"), dict):
+        arch, framework = args["arch"], args.get("ss_framework")
+        if arch == built and vit_num_heads(arch, framework) not in (None, heads):
+            raise CheckpointError(
+                f"checkpoint '{path}' was written by gissl for --architecture {arch} --ss-framework {framework} "
+                f"({vit_num_heads(arch, framework)} attention heads), but the encoder being built has {heads} heads; "
+                f"load it with --architecture {arch} --ss-framework {framework}")
+
+
 def _find_state_dict(obj, path):
     """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers down to a flat dict of tensors."""
     for _ in range(3):
@@ -143,12 +186,18 @@ def _find_state_dict(obj, path):
             break
         obj = inner
     top = _names(list(obj), 8) if isinstance(obj, dict) else type(obj).__name__
+    if isinstance(obj, dict) and {"student", "teacher"} <= set(obj):
+        raise CheckpointError(
+            f"checkpoint '{path}' is a DINO training checkpoint (found: {top}); gissl does not load DINO's "
+            "student/teacher layout. Extract the backbone you want as a plain state dict, e.g. the teacher "
+            "(DINO's own evaluation uses it): {k[len('backbone.'):]: v for k, v in ckpt['teacher'].items() "
+            "if k.startswith('backbone.')}, save it with torch.save and pass that file with --checkpoint")
     raise CheckpointError(
         f"checkpoint '{path}' holds no state dict of tensors (found: {top}); expected a state dict, "
         "or a dict with it under 'state_dict' (MoCo v3) or 'model' (MAE, gissl)")
 
 
-def _encoder_prefix(state, expected):
+def _encoder_prefix(state, expected, path):
     """The key prefix ('' for flat files) under which the encoder's parameters sit in ``state``."""
     expected = set(expected)
     scores, anchored = {}, set()
@@ -160,10 +209,27 @@ def _encoder_prefix(state, expected):
                 scores[prefix] = scores.get(prefix, 0) + 1
             if rest in _ANCHORS:
                 anchored.add(prefix)
-    # Most matching names wins; a momentum / teacher / EMA copy loses ties to the base encoder.
-    rank = lambda p: (-scores.get(p, 0), bool(_SECONDARY_COPY.search(p)), len(p))  # noqa: E731
-    candidates = set(scores) | anchored
-    return min(candidates, key=rank) if candidates else ""
+    if not scores and not anchored:
+        return ""
+    # Most matching names wins; on a tie the base encoder beats its momentum copy. Sorting the
+    # names first makes the choice independent of set order (i.e. of the Python hash seed).
+    ranked = sorted(sorted(set(scores) | anchored), key=lambda p: (_prefix_rank(p, scores), len(p)))
+    best = _prefix_rank(ranked[0], scores)
+    tied = [p for p in ranked if _prefix_rank(p, scores) == best]
+    if len(tied) > 1 and scores.get(ranked[0]):
+        raise CheckpointError(
+            f"checkpoint '{path}' holds {len(tied)} encoders with the same {scores[ranked[0]]} parameter "
+            f"names, under {', '.join(repr(p) for p in tied)}, and nothing tells which one to use; "
+            "extract the one you mean as a plain state dict (torch.save(state_dict, 'encoder.pth')) "
+            "and pass that file with --checkpoint")
+    return ranked[0]
+
+
+def _prefix_rank(prefix, scores):
+    """Sort key of a candidate prefix: more matching names first, then a query / base / student /
+    online copy, then anything that is not a key / momentum / teacher / target / EMA copy."""
+    words = set(re.split(r"[._]", prefix.lower()))
+    return -scores.get(prefix, 0), not (words & _PRIMARY_COPY), bool(words & _SECONDARY_COPY)
 
 
 def _is_dropped(key):

@@ -269,16 +269,23 @@ class VisionTransformer(nn.Module):
         return feats
 
 
-def vit_t(img_size=224):
+def vit_t(img_size=224, num_heads=3):
     """ViT-Ti/16: 192-d, 12 blocks, 3 heads (timm ``vit_tiny_patch16_224``)."""
-    return VisionTransformer(embed_dim=192, depth=12, num_heads=3, img_size=img_size, architecture="vit_t")
+    return VisionTransformer(embed_dim=192, depth=12, num_heads=num_heads, img_size=img_size, architecture="vit_t")
 
 
-def vit_s(img_size=224):
-    """ViT-S/16: 384-d, 12 blocks, 6 heads (timm ``vit_small_patch16_224``)."""
-    return VisionTransformer(embed_dim=384, depth=12, num_heads=6, img_size=img_size, architecture="vit_s")
+def vit_s(img_size=224, num_heads=6):
+    """ViT-S/16: 384-d, 12 blocks, 6 heads (timm ``vit_small_patch16_224``, DeiT-S, DINO).
+
+    MoCo v3's ``vit_small`` (facebookresearch/moco-v3 ``vits.py``) has the same weights but 12
+    heads; the head count is not in the weights, so it is chosen by the caller (``num_heads``,
+    see ``gissl.models.vit_num_heads``).
+    """
+    return VisionTransformer(embed_dim=384, depth=12, num_heads=num_heads, img_size=img_size,
+                             architecture="vit_s")
 
 
-def vit_b(img_size=224):
+def vit_b(img_size=224, num_heads=12):
     """ViT-B/16: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch16_224``, SSL4GIE §3.3)."""
-    return VisionTransformer(embed_dim=768, depth=12, num_heads=12, img_size=img_size, architecture="vit_b")
+    return VisionTransformer(embed_dim=768, depth=12, num_heads=num_heads, img_size=img_size,
+                             architecture="vit_b")

@@ -1,0 +1,301 @@
+"""Checkpoints as the official training code writes them (gissl issue #15, items 4, 6, 7, 8, 9).
+
+Each file is built in the exact layout of its source: MoCo v3 ``main_moco.py`` (``epoch``,
+``arch``, DDP-prefixed ``state_dict`` with base / momentum encoders and predictor, ``optimizer``,
+``scaler``), MoCo v1/v2 (``module.encoder_q`` / ``module.encoder_k`` / queue), MAE
+``util/misc.py save_model`` and DINO ``main_dino.py`` (``'args': argparse.Namespace``), SSCD's
+TorchScript release. The reference side of the MoCo v3 ViT-S test is timm's VisionTransformer
+configured as MoCo v3's ``vits.py vit_small`` (12 heads, qkv bias, LayerNorm eps 1e-6, fixed 2-D
+sin-cos position embedding, 3-layer projector head).
+"""
+import argparse
+import math
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gissl.errors import CheckpointError, UserError
+from gissl.models import build_encoder, load_pretrained
+from test_bad_checkpoints import SMALL, error_lines, run_script
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _prefixed(prefix, state):
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _moco_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+    """MoCo v3's ``_build_mlp``: Linear(no bias) -> BN -> ReLU per hidden layer, last BN without affine."""
+    layers = []
+    for i in range(num_layers):
+        d1, d2 = (input_dim if i == 0 else mlp_dim), (output_dim if i == num_layers - 1 else mlp_dim)
+        layers.append(nn.Linear(d1, d2, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d2), nn.ReLU()]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d2, affine=False))
+    return nn.Sequential(*layers)
+
+
+def _sincos_pos_embed(grid, dim, temperature=10000.0):
+    """MoCo v3's fixed position embedding: a zero CLS position, then sin/cos of both grid axes
+    (``build_2d_sincos_position_embedding``: meshgrid 'ij' of (w, h), dim/4 frequencies each)."""
+    coords = torch.arange(grid, dtype=torch.float32)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
+    pe = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), pe])[None]
+
+
+def _mocov3_vit_small(seed):
+    """MoCo v3's ViT-S base encoder (vits.py vit_small) with its projector as ``head``, random weights."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=64)
+    with torch.no_grad():
+        for p in model.parameters():  # larger than timm's init, so that the heads' split matters
+            p.add_(torch.randn_like(p) * 0.05)
+        model.pos_embed.copy_(_sincos_pos_embed(14, 384))
+    # main_moco.py / builder.py: the ViT head becomes a 3-layer projector (small widths here)
+    model.head = _moco_mlp(3, 384, 64, 16)
+    return model.eval()
+
+
+def _mocov3_file(path, base, momentum, arch="vit_small"):
+    """``main_moco.py``'s save_checkpoint dict for a DDP-wrapped MoCo model."""
+    predictor = _moco_mlp(2, 16, 64, 16)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))]).state_dict()
+    torch.save({"epoch": 300, "arch": arch,
+                "state_dict": {**_prefixed("module.base_encoder.", base.state_dict()),
+                               **_prefixed("module.momentum_encoder.", momentum.state_dict()),
+                               **_prefixed("module.predictor.", predictor.state_dict())},
+                "optimizer": opt,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                           "growth_interval": 2000, "_growth_tracker": 0}}, path)
+
+
+@pytest.fixture(scope="module")
+def mocov3_vit_small(tmp_path_factory):
+    """(path of a MoCo v3 ViT-S checkpoint, the reference base encoder)."""
+    path = tmp_path_factory.mktemp("mocov3") / "vit-s-300ep.pth.tar"
+    base, momentum = _mocov3_vit_small(0), _mocov3_vit_small(1)
+    _mocov3_file(path, base, momentum)
+    return path, base
+
+
+def test_mocov3_vit_small_gives_mocov3_features(mocov3_vit_small):
+    """Item 4: the file gives MoCo v3's CLS features (after the final norm), not a 6-head model's."""
+    path, reference = mocov3_vit_small
+    encoder = build_encoder("vit_s", "ImageNet_self", "mocov3", str(path)).eval()
+    assert encoder.num_heads == 12
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference.forward_head(reference.forward_features(x), pre_logits=True)
+        got = encoder(x)
+    assert want.abs().max() > 0.5  # features of a real scale, so the bound below means something
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_mocov3_vit_small_refused_by_a_6_head_vit_s(mocov3_vit_small):
+    """Item 4: the file says 'arch': 'vit_small' (MoCo v3: 12 heads); a 6-head build refuses it."""
+    path, _ = mocov3_vit_small
+    with pytest.raises(CheckpointError, match="MoCo v3's vit_small.*12 attention heads.*vit_s with 6 heads.*"
+                                              "--architecture vit_s --ss-framework mocov3"):
+        build_encoder("vit_s", "ImageNet_class", checkpoint=str(path))
+
+
+def test_vit_s_heads_follow_the_flags_through_pretrain_finetune_and_eval(tmp_path, monkeypatch):
+    """Item 4: pretrain.py --ss-framework mocov3 --architecture vit_s trains MoCo v3's 12-head ViT-S; the
+    train and eval stages rebuild it from the same flags; the file's own 'args' refuse another build."""
+    from gissl import cli
+    from gissl.data.synthetic import generate
+    monkeypatch.chdir(tmp_path)
+    root = generate("Hyperkvasir_unlabelled", str(tmp_path / "data"), num=2, seed=0)
+    argv = ["--dataset", "folder", "--data-root", root, "--device", "cpu", "--workers", "0", "--epochs", "1",
+            "--batch-size", "2", "--image-size", "32", "--architecture", "vit_s", "--ss-framework", "mocov3",
+            "--output-dir", tmp_path / "out", "--dim", "8", "--mlp-dim", "16"]
+    code, _, err = run_script("pretrain.py", argv)
+    assert code == 0, err
+    run_dir = tmp_path / "out" / "vit_s-mocov3-folder"
+    full = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert full["model"]["encoder.blocks.0.attn.qkv.weight"].shape == (3 * 384, 384)
+    for stage in ("train", "eval"):
+        args = argparse.Namespace(arch="vit_s", pretraining="Hyperkvasir", ss_framework="mocov3",
+                                  checkpoint=str(run_dir / "encoder.pth"), stage=stage)
+        assert cli.encoder_from_args(args, img_size=32).num_heads == 12, stage
+    with pytest.raises(CheckpointError, match="written by gissl for --architecture vit_s --ss-framework mocov3 "
+                                              r"\(12 attention heads\).*has 6 heads"):
+        build_encoder("vit_s", "Hyperkvasir", "mae", str(run_dir / "checkpoint.pth"), img_size=32)
+    # timm's ImageNet ViT-S (6 heads) cannot initialise MoCo v3's 12-head ViT-S
+    with pytest.raises(UserError, match="ImageNet_class loads timm's vit_s \\(6 attention heads\\).*12 heads"):
+        build_encoder("vit_s", "ImageNet_class", checkpoint=str(run_dir / "encoder.pth"), num_heads=12)
+
+
+# --- item 6: files that pickle 'args' as an argparse.Namespace ---------------------------------------
+
+def _mae_args():
+    """A Namespace as MAE's main_pretrain.py parses and then extends it (init_distributed_mode)."""
+    return argparse.Namespace(batch_size=64, epochs=800, accum_iter=1, model="mae_vit_base_patch16",
+                              input_size=224, mask_ratio=0.75, norm_pix_loss=True, weight_decay=0.05, lr=0.0024,
+                              blr=1.5e-4, min_lr=0.0, warmup_epochs=40, data_path="/datasets/imagenet",
+                              output_dir="./output_dir", log_dir="./output_dir", device="cuda", seed=0,
+                              resume="", start_epoch=0, num_workers=10, pin_mem=True, world_size=64,
+                              local_rank=-1, dist_on_itp=False, dist_url="env://", rank=0, gpu=0,
+                              distributed=True, dist_backend="nccl")
+
+
+def test_mae_checkpoint_with_namespace_args_loads(tmp_path):
+    """Item 6: checkpoint-799.pth as MAE's save_model writes it: model, optimizer, epoch, scaler, args."""
+    torch.manual_seed(0)
+    enc = build_encoder("vit_t").state_dict()
+    decoder = {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, 192),
+               "decoder_pos_embed": torch.zeros(1, 197, 32), "decoder_norm.weight": torch.ones(32)}
+    torch.save({"model": {**enc, **decoder},
+                "optimizer": torch.optim.AdamW([nn.Parameter(torch.zeros(2))]).state_dict(),
+                "epoch": 799, "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                         "growth_interval": 2000, "_growth_tracker": 0},
+                "args": _mae_args()}, tmp_path / "checkpoint-799.pth")
+    model = build_encoder("vit_t", "Hyperkvasir", "mae", str(tmp_path / "checkpoint-799.pth"))
+    for k, v in enc.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_namespace_holding_code_is_still_refused(tmp_path):
+    """Item 6: allowing a Namespace allows no code: an object with __reduce__ inside it is refused, not run."""
+    args = _mae_args()
+    args.output_dir = _Evil(str(tmp_path / "code-ran"))
+    torch.save({"model": build_encoder("vit_t").state_dict(), "epoch": 1, "args": args}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refused to load.*could run code"):
+        build_encoder("vit_t", "Hyperkvasir", "mae", str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_dino_training_checkpoint_says_what_it_is(tmp_path):
+    """Item 6: DINO's checkpoint.pth (student, teacher, optimizer, epoch, args, dino_loss) is read as data
+    and refused with what it is and what to do, not as an unsafe pickle."""
+    torch.manual_seed(0)
+    backbone = build_encoder("vit_t").state_dict()
+    head = {"mlp.0.weight": torch.randn(8, 192), "last_layer.weight_g": torch.ones(16, 1)}
+    args = argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=True,
+                              use_bn_in_head=False, use_fp16=True, global_crops_scale=(0.4, 1.0),
+                              local_crops_number=8, local_crops_scale=(0.05, 0.4), lr=0.0005,
+                              output_dir=".", dist_url="env://", rank=0, world_size=8, gpu=0)
+    torch.save({"student": {**_prefixed("module.backbone.", backbone), **_prefixed("module.head.", head)},
+                "teacher": {**_prefixed("backbone.", backbone), **_prefixed("head.", head)},
+                "optimizer": torch.optim.AdamW([nn.Parameter(torch.zeros(2))]).state_dict(), "epoch": 100,
+                "args": args, "dino_loss": {"center": torch.zeros(1, 65536)},
+                "fp16_scaler": {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                "growth_interval": 2000, "_growth_tracker": 7}}, tmp_path / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match="is a DINO training checkpoint.*student/teacher.*teacher"):
+        load_pretrained(build_encoder("vit_t"), tmp_path / "checkpoint.pth", "mocov3")
+
+
+# --- item 7: TorchScript programs ------------------------------------------------------------------
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_torchscript_file_is_named_as_such(tmp_path):
+    path = tmp_path / "sscd_disc_mixup.torchscript.pt"
+    torch.jit.save(torch.jit.script(_Tiny()), str(path))
+    with pytest.raises(CheckpointError, match="is a TorchScript program.*not a checkpoint of weights.*"
+                                              "sscd_disc_mixup.torchvision.pt"):
+        load_pretrained(build_encoder("resnet18"), path)
+
+
+def test_torchscript_file_exits_2_in_a_train_script(tmp_path, monkeypatch):
+    from gissl.data.synthetic import generate
+    monkeypatch.chdir(tmp_path)
+    root = generate("Hyperkvasir_anatomical", str(tmp_path / "data"), num=2, seed=0)
+    path = tmp_path / "sscd_disc_mixup.torchscript.pt"
+    torch.jit.save(torch.jit.script(_Tiny()), str(path))
+    argv = ["--dataset", "Hyperkvasir_anatomical", "--data-root", root] + SMALL + [
+        "--architecture", "resnet18", "--output-dir", tmp_path / "out", "--pretraining", "ImageNet_self",
+        "--ss-framework", "simsiam", "--checkpoint", path]
+    code, _, err = run_script("train_classification.py", argv)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1, err
+    assert str(path) in lines[0] and "TorchScript program" in lines[0]
+
+
+# --- item 8: the encoder chosen by rule, never by set order -----------------------------------------
+
+def _mocov2_file(path, q, k):
+    """MoCo v1/v2 main_moco.py: {'epoch', 'arch', 'state_dict', 'optimizer'}, a DDP-wrapped MoCo with
+    encoder_q / encoder_k (v2's 2-layer MLP fc) and the queue."""
+    def with_fc(state):
+        return {**state, "fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.zeros(512),
+                "fc.2.weight": torch.randn(128, 512), "fc.2.bias": torch.zeros(128)}
+    torch.save({"epoch": 200, "arch": "resnet18",
+                "state_dict": {**_prefixed("module.encoder_q.", with_fc(q)), **_prefixed("module.encoder_k.", with_fc(k)),
+                               "module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)},
+                "optimizer": torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.03, momentum=0.9).state_dict()},
+               path)
+
+
+def test_mocov2_file_loads_encoder_q_under_every_hash_seed(tmp_path):
+    torch.manual_seed(0)
+    q, k = build_encoder("resnet18").state_dict(), build_encoder("resnet18").state_dict()
+    path = tmp_path / "moco_v2_200ep_pretrain.pth.tar"
+    _mocov2_file(path, q, k)
+    torch.save(q["conv1.weight"], tmp_path / "q_conv1.pt")
+    code = ("import sys, torch; from gissl.models import build_encoder; "
+            "m = build_encoder('resnet18', 'ImageNet_self', 'mocov3', sys.argv[1]); "
+            "print('q' if torch.equal(m.conv1.weight, torch.load(sys.argv[2])) else 'not q')")
+    for seed in range(4):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "q_conv1.pt")],
+                             capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "q", f"PYTHONHASHSEED={seed}: {out.stdout}"
+
+
+def test_two_unrelated_encoders_are_refused_naming_both(tmp_path):
+    torch.manual_seed(0)
+    a, b = build_encoder("resnet18").state_dict(), build_encoder("resnet18").state_dict()
+    torch.save({"state_dict": {**_prefixed("model_a.", a), **_prefixed("model_bb.", b)}}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match="holds 2 encoders with the same \\d+ parameter names, under "
+                                              "'model_a.', 'model_bb.'"):
+        load_pretrained(build_encoder("resnet18"), tmp_path / "two.pth")
+
+
+# --- item 9: the file described by its own keys -------------------------------------------------------
+
+@pytest.mark.parametrize("file_arch, model_arch, held", [
+    ("resnet18", "resnet50", "a ResNet-18 (conv1/layer1..4 keys)"),
+    ("resnet50", "resnet18", "a ResNet-50 (conv1/layer1..4 keys)"),
+    ("vit_s", "vit_b", "a ViT-S/16 (384-d, 12 blocks"),
+])
+def test_mismatch_message_describes_the_file(file_arch, model_arch, held, tmp_path):
+    state = build_encoder(file_arch, img_size=32).state_dict()
+    # an old torchvision file has no num_batches_tracked buffers
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, tmp_path / "f.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(build_encoder(model_arch, img_size=32), tmp_path / "f.pth")
+    assert f"this file holds {held}" in str(err.value)
+    assert f"does not match {model_arch}" in str(err.value)

@@ -174,11 +174,32 @@ def build_optimizer(model_or_params, lr, weight_decay=0.01, kind="adamw", **kwar
 
 def freeze(module):
     """Stop ``module`` from training: no gradients (so the optimiser leaves it out).
-    Pass it to ``fit(frozen=[module])`` too, which keeps it in eval mode so BatchNorm
-    statistics never change (the reference's ``--frozen`` did neither, ssl4gie.md §8.7)."""
+    ``fit(frozen=[module])`` calls this itself, takes the module's parameters out of an
+    optimiser built before, and keeps it in eval mode so BatchNorm statistics never change
+    (SSL4GIE's ``--frozen`` did neither)."""
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def drop_frozen_parameters(optimizer, frozen):
+    """Freeze every module in ``frozen`` and remove its parameters (and their state) from
+    ``optimizer``, whenever it was built: a frozen module then gets neither updates nor
+    weight decay. Groups left empty are removed; none left at all is a UserError."""
+    held = set()
+    for module in frozen:
+        held.update(id(p) for p in freeze(module).parameters())
+    if not held:
+        return optimizer
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in held:
+                optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) not in held]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    if not optimizer.param_groups:
+        raise UserError("the model has no trainable parameters (everything is frozen)")
+    return optimizer
 
 
 def set_train_mode(model, frozen=()):
@@ -254,7 +275,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """Seeds python, numpy and torch from the sampler's per-sample seed, then reads the sample."""
+    """Reads a sample with python, numpy and torch's CPU generator seeded from the sampler's
+    per-sample seed, and gives the process its own generator states back afterwards.
+
+    With ``--workers 0`` the samples are read in the training process itself: leaving the
+    generators re-seeded there would change the model's own random draws (dropout,
+    drop-path, MAE / retrieval masking), and a run would end with other weights than with
+    worker processes. Only the CPU generator is seeded (``torch.manual_seed`` would also
+    re-seed every GPU's); augmentations draw on the CPU."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -264,10 +292,16 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        return self.dataset[index]
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
 
 
 def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
@@ -282,16 +316,20 @@ def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
     §8.8) and results do not depend on the number of workers.
     Evaluation (``train=False``): every sample, in order, on this process alone —
     validation runs on rank 0 only, and must see the whole split.
-    Workers persist across epochs; memory is pinned on CUDA.
+    Workers persist across epochs; memory is pinned on CUDA. The loader draws its workers'
+    base seed from a generator of its own, not from torch's global one: with persistent
+    workers that draw happens once, with ``workers=0`` once per epoch, so drawing it from
+    the global generator would shift the model's random draws by the number of workers.
     """
     if len(dataset) == 0:
         raise UserError("the dataset is empty; check --data-root and --dataset")
     pin = torch.device(device).type == "cuda"
+    generator = torch.Generator().manual_seed(int(seed))
     if not train:
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
             collate_fn=collate_fn or collate, drop_last=bool(drop_last), pin_memory=pin,
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0, generator=generator)
     world = dist.get_world_size()
     if batch_size < world:
         raise UserError(f"--batch-size {batch_size} is smaller than the number of processes "
@@ -304,7 +342,7 @@ def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
     return torch.utils.data.DataLoader(
         SeededDataset(dataset), batch_size=per_rank, sampler=sampler, num_workers=workers,
         collate_fn=collate_fn or collate, drop_last=drop_last, pin_memory=pin,
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0, generator=generator)
 
 
 # --------------------------------------------------------------------------- training
@@ -687,10 +725,15 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     else 0): how many optimiser steps with a non-finite loss may be skipped over the whole
     run before it stops (:class:`NonFiniteGuard`). Before any training the output folder
     is checked for write access and room for the checkpoints (UserError otherwise).
+    ``frozen``: modules that must not train; fit freezes them (no gradients), removes their
+    parameters from ``optimizer`` however it was built, and keeps them in eval mode
+    (BatchNorm statistics fixed).
 
     Returns a dict with ``best_metric``, ``best_epoch``, ``epochs_run``, ``best_path``,
     ``last_path`` and ``history`` (one dict per epoch run in this call).
     """
+    frozen = tuple(frozen)
+    drop_frozen_parameters(optimizer, frozen)  # before check_space, which counts trainable state
     files = RunFiles(run_dir, run_name)
     files.check_writable()
     args_dict = dict(args) if isinstance(args, dict) else dict(vars(args))

@@ -689,17 +689,37 @@ def _better(value, best, mode):
 
 
 # Flags that may change between a run and its resumption without making it another experiment
-RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite", "deterministic"}
+RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite", "deterministic",
+                     "resume_anyway", "output_dir"}
+# Optimisation settings: changing one on resume continues the same model on the same data,
+# with a warning. Any other change (dataset, --data-root, --skip-bad-files, architecture,
+# pretraining, a model flag) would continue another experiment's weights on this one: it stops.
+WARN_ONLY_CHANGES = {"seed", "learning_rate", "learning_rate_scheduler", "learning_rate_scheduler_minimum",
+                     "cosine", "warmup_epochs", "accum_iter", "batch_size", "clip_grad", "weight_decay",
+                     "no_amp", "log_every"}
 
 
-def _warn_changed_settings(saved, current, path):
-    """Warn when a run is resumed with other settings than it was started with (another
-    --seed or learning rate silently continuing an old run would mix two experiments)."""
+def _changed(saved, current, keys):
+    return [f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}" for k in keys
+            if str(saved[k]) != str(current[k])]
+
+
+def _check_changed_settings(saved, current, path, warn=True):
+    """Compare the settings a run was started with (``saved``) with this command's.
+
+    A changed dataset, data root, architecture or model flag is a UserError unless
+    ``--resume-anyway``: resuming would silently train nothing new, or mix two experiments.
+    A changed optimisation setting (--seed, learning rate, ...) only warns."""
     if not isinstance(saved, dict):
         return
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}" for k in sorted(saved.keys() & current.keys())
-               if k not in RESUMABLE_CHANGES and str(saved[k]) != str(current[k])]
-    if changed:
+    common = sorted((saved.keys() & current.keys()) - RESUMABLE_CHANGES)
+    blocking = _changed(saved, current, [k for k in common if k not in WARN_ONLY_CHANGES])
+    if blocking and not current.get("resume_anyway"):
+        raise UserError(f"'{path}' is a run of another experiment ({'; '.join(blocking)}); resuming it "
+                        "would continue its model instead of training this one. Start a new run with "
+                        "another --output-dir (or delete that file), or add --resume-anyway to continue it")
+    changed = blocking + _changed(saved, current, [k for k in common if k in WARN_ONLY_CHANGES])
+    if changed and warn:
         print(f"warning: '{path}' was started with other settings ({'; '.join(changed)}); it continues "
               "with its saved weights and optimiser state. To start afresh, use another --output-dir "
               "or delete that file", file=sys.stderr, flush=True)
@@ -707,7 +727,7 @@ def _warn_changed_settings(saved, current, path):
 
 @_report_rank_failure
 def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_name, args,
-        epochs, validate=None, metric_mode="max", lr_scheduler=False, lr_min=1e-6,
+        epochs, validate=None, metric_mode="max", metric_name=None, lr_scheduler=False, lr_min=1e-6,
         accum_iter=1, clip_grad=None, amp=True, frozen=(), lr_schedule=None, after_step=None,
         log_every=10, find_unused_parameters=False, extra_state=None, show_progress=True,
         skip_nonfinite=None,
@@ -719,6 +739,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     when given, runs on rank 0 after every epoch with the bare model in eval mode; its
     value (higher is better for ``metric_mode="max"``) selects the ``best`` checkpoint and
     drives the plateau scheduler, which every rank steps with the same broadcast value.
+    The JSON-lines log records it as ``"val"``, with ``"metric": metric_name`` when given;
+    ``"train"`` holds the mean of each loss term, under the names ``compute_losses`` gives.
     ``extra_state``: optional ``(get() -> dict, set(dict))`` pair saved in checkpoints.
     SIGTERM/SIGINT save a resumable ``last`` checkpoint at the next optimiser step and
     raise :class:`TrainingInterrupted`. ``skip_nonfinite`` (default: ``args.skip_nonfinite``,
@@ -775,6 +797,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     guard = NonFiniteGuard(skip_nonfinite, device)
     if os.path.exists(files.last):
         state = load_file(files.last)
+        # on every rank, before any state is loaded: all ranks stop together
+        _check_changed_settings(state.get("args"), args_dict, files.last, warn=dist.is_main_process())
         try:
             bare.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -799,7 +823,6 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
             where = (f"epoch {start_epoch}, batch {partial['batches_done']}" if partial
                      else f"epoch {start_epoch - 1} done")
             print(f"Resuming from {files.last} ({where})", flush=True)
-            _warn_changed_settings(state.get("args"), args_dict, files.last)
             _append(files.log, f"Resumed at epoch {start_epoch}")
     elif dist.is_main_process():
         with open(files.log, "w") as f:
@@ -853,6 +876,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
                                  f"Time: {time.time() - t1:.6f}")
                 value = dist.broadcast_object(value)  # one float, the same on every rank
                 record["val"] = value
+                if metric_name:
+                    record["metric"] = metric_name
                 if not math.isfinite(value):
                     raise NonFiniteLossError(f"validation metric is {value} after epoch {epoch}")
                 improved = _better(value, best, metric_mode)

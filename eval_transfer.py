@@ -33,6 +33,7 @@ PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency")
 def get_args():
     p = task_parser("eval", "Evaluate a frozen pretrained encoder with representation probes", task="transfer",
                     default_batch_size=64)
+    p.set_defaults(encoder_checkpoint=True)  # the probed encoder is built from --checkpoint
     p.add_argument("--protocol", default="linear", choices=PROTOCOLS)
     p.add_argument("--no-cache", dest="no_cache", action="store_true", help="re-extract features")
     g = p.add_argument_group("linear")

@@ -28,7 +28,7 @@ def main(args):
               f"images at {args.image_size} px", flush=True)
     validate = seg.make_validate(seg.loader(ds["val"], args, device), device, not args.no_amp)
     result = seg.train_dense(args, model, ds, device, partial(seg.compute_losses, bce_weight=args.bce_weight),
-                             validate, metric_mode="max")
+                             validate, metric_mode="max", metric_name="dice")
     if dist.is_main_process():
         print(f"best validation Dice {result['best_metric']:.4f} at epoch {result['best_epoch']}; "
               f"model saved to {result['best_path']}", flush=True)

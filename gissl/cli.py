@@ -43,7 +43,12 @@ def task_parser(task, description, *, stage="train", datasets=(), default_epochs
                    help="self-supervised method that produced --checkpoint")
     g.add_argument("--checkpoint", default=None,
                    help="pretrained encoder weights (any layout: gissl, official MoCo v3 / MAE / "
-                        "Barlow Twins releases, torchvision/timm state dicts)")
+                        "Barlow Twins releases, torchvision/timm state dicts)" + (
+                       "" if stage == "train" else "; training only: eval/predict read the finetuned "
+                       "model that the other flags name under --output-dir, so it is refused here"))
+    # Eval/predict scripts that build an encoder from --checkpoint themselves (a probe of the
+    # pretrained encoder, retrieval --untrained) set this to True.
+    p.set_defaults(encoder_checkpoint=stage == "train")
     g.add_argument("--frozen", action="store_true",
                    help="freeze the encoder (no gradients, BatchNorm statistics fixed); only the "
                         "head/decoder trains")
@@ -91,6 +96,10 @@ def task_parser(task, description, *, stage="train", datasets=(), default_epochs
         t.add_argument("--compile", action="store_true",
                        help="torch.compile the model for training (the first steps compile for a "
                             "minute or more; pays off on long runs; on CPU it needs a C++ compiler)")
+        t.add_argument("--resume-anyway", dest="resume_anyway", action="store_true",
+                       help="resume the run in --output-dir even though its dataset, --data-root, "
+                            "architecture or a model flag differ from this command's (by default "
+                            "that stops: it would continue another experiment)")
         t.add_argument("--skip-nonfinite", dest="skip_nonfinite", type=int, default=0, metavar="N",
                        help="skip up to N optimiser steps whose loss is NaN/inf (no update) before "
                             "stopping, e.g. rare fp16 overflows; 0 stops at the first (exit code 1)")
@@ -124,6 +133,15 @@ def check_args(args):
                             ("vit" if a.startswith("vit") else "resnet") in FRAMEWORK_FAMILIES[ss])
         raise UserError(f"--ss-framework {ss} does not apply to --architecture {arch}; "
                         f"use one of {allowed}")
+    if getattr(args, "checkpoint", None) and not getattr(args, "encoder_checkpoint", True) and not \
+            getattr(args, "untrained", False):
+        other = ("--weights FILE for a finetuned checkpoint, or --untrained to use --checkpoint's encoder "
+                 "as it is" if hasattr(args, "weights") else
+                 "--output-dir and the training flags (--architecture, --pretraining, --ss-framework, "
+                 "--frozen, --dataset) to pick the finetuned model")
+        raise UserError(f"--checkpoint is the pretrained encoder for training and has no effect in "
+                        f"{args.stage}: this script reads the finetuned model instead; drop "
+                        f"--checkpoint and use {other}")
     if getattr(args, "checkpoint", None) and not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint '{args.checkpoint}' does not exist")
     if args.image_size % 32:

@@ -174,11 +174,32 @@ def build_optimizer(model_or_params, lr, weight_decay=0.01, kind="adamw", **kwar
 
 def freeze(module):
     """Stop ``module`` from training: no gradients (so the optimiser leaves it out).
-    Pass it to ``fit(frozen=[module])`` too, which keeps it in eval mode so BatchNorm
-    statistics never change (the reference's ``--frozen`` did neither, ssl4gie.md §8.7)."""
+    ``fit(frozen=[module])`` calls this itself, takes the module's parameters out of an
+    optimiser built before, and keeps it in eval mode so BatchNorm statistics never change
+    (SSL4GIE's ``--frozen`` did neither)."""
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def drop_frozen_parameters(optimizer, frozen):
+    """Freeze every module in ``frozen`` and remove its parameters (and their state) from
+    ``optimizer``, whenever it was built: a frozen module then gets neither updates nor
+    weight decay. Groups left empty are removed; none left at all is a UserError."""
+    held = set()
+    for module in frozen:
+        held.update(id(p) for p in freeze(module).parameters())
+    if not held:
+        return optimizer
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in held:
+                optimizer.state.pop(p, None)
+        group["params"] = [p for p in group["params"] if id(p) not in held]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    if not optimizer.param_groups:
+        raise UserError("the model has no trainable parameters (everything is frozen)")
+    return optimizer
 
 
 def set_train_mode(model, frozen=()):
@@ -254,7 +275,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """Seeds python, numpy and torch from the sampler's per-sample seed, then reads the sample."""
+    """Reads a sample with python, numpy and torch's CPU generator seeded from the sampler's
+    per-sample seed, and gives the process its own generator states back afterwards.
+
+    With ``--workers 0`` the samples are read in the training process itself: leaving the
+    generators re-seeded there would change the model's own random draws (dropout,
+    drop-path, MAE / retrieval masking), and a run would end with other weights than with
+    worker processes. Only the CPU generator is seeded (``torch.manual_seed`` would also
+    re-seed every GPU's); augmentations draw on the CPU."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -264,10 +292,16 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        return self.dataset[index]
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
 
 
 def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
@@ -282,16 +316,20 @@ def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
     §8.8) and results do not depend on the number of workers.
     Evaluation (``train=False``): every sample, in order, on this process alone —
     validation runs on rank 0 only, and must see the whole split.
-    Workers persist across epochs; memory is pinned on CUDA.
+    Workers persist across epochs; memory is pinned on CUDA. The loader draws its workers'
+    base seed from a generator of its own, not from torch's global one: with persistent
+    workers that draw happens once, with ``workers=0`` once per epoch, so drawing it from
+    the global generator would shift the model's random draws by the number of workers.
     """
     if len(dataset) == 0:
         raise UserError("the dataset is empty; check --data-root and --dataset")
     pin = torch.device(device).type == "cuda"
+    generator = torch.Generator().manual_seed(int(seed))
     if not train:
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
             collate_fn=collate_fn or collate, drop_last=bool(drop_last), pin_memory=pin,
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0, generator=generator)
     world = dist.get_world_size()
     if batch_size < world:
         raise UserError(f"--batch-size {batch_size} is smaller than the number of processes "
@@ -304,7 +342,7 @@ def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
     return torch.utils.data.DataLoader(
         SeededDataset(dataset), batch_size=per_rank, sampler=sampler, num_workers=workers,
         collate_fn=collate_fn or collate, drop_last=drop_last, pin_memory=pin,
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0, generator=generator)
 
 
 # --------------------------------------------------------------------------- training
@@ -651,17 +689,37 @@ def _better(value, best, mode):
 
 
 # Flags that may change between a run and its resumption without making it another experiment
-RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite", "deterministic"}
+RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite", "deterministic",
+                     "resume_anyway", "output_dir"}
+# Optimisation settings: changing one on resume continues the same model on the same data,
+# with a warning. Any other change (dataset, --data-root, --skip-bad-files, architecture,
+# pretraining, a model flag) would continue another experiment's weights on this one: it stops.
+WARN_ONLY_CHANGES = {"seed", "learning_rate", "learning_rate_scheduler", "learning_rate_scheduler_minimum",
+                     "cosine", "warmup_epochs", "accum_iter", "batch_size", "clip_grad", "weight_decay",
+                     "no_amp", "log_every"}
 
 
-def _warn_changed_settings(saved, current, path):
-    """Warn when a run is resumed with other settings than it was started with (another
-    --seed or learning rate silently continuing an old run would mix two experiments)."""
+def _changed(saved, current, keys):
+    return [f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}" for k in keys
+            if str(saved[k]) != str(current[k])]
+
+
+def _check_changed_settings(saved, current, path, warn=True):
+    """Compare the settings a run was started with (``saved``) with this command's.
+
+    A changed dataset, data root, architecture or model flag is a UserError unless
+    ``--resume-anyway``: resuming would silently train nothing new, or mix two experiments.
+    A changed optimisation setting (--seed, learning rate, ...) only warns."""
     if not isinstance(saved, dict):
         return
-    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {current[k]!r}" for k in sorted(saved.keys() & current.keys())
-               if k not in RESUMABLE_CHANGES and str(saved[k]) != str(current[k])]
-    if changed:
+    common = sorted((saved.keys() & current.keys()) - RESUMABLE_CHANGES)
+    blocking = _changed(saved, current, [k for k in common if k not in WARN_ONLY_CHANGES])
+    if blocking and not current.get("resume_anyway"):
+        raise UserError(f"'{path}' is a run of another experiment ({'; '.join(blocking)}); resuming it "
+                        "would continue its model instead of training this one. Start a new run with "
+                        "another --output-dir (or delete that file), or add --resume-anyway to continue it")
+    changed = blocking + _changed(saved, current, [k for k in common if k in WARN_ONLY_CHANGES])
+    if changed and warn:
         print(f"warning: '{path}' was started with other settings ({'; '.join(changed)}); it continues "
               "with its saved weights and optimiser state. To start afresh, use another --output-dir "
               "or delete that file", file=sys.stderr, flush=True)
@@ -669,7 +727,7 @@ def _warn_changed_settings(saved, current, path):
 
 @_report_rank_failure
 def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_name, args,
-        epochs, validate=None, metric_mode="max", lr_scheduler=False, lr_min=1e-6,
+        epochs, validate=None, metric_mode="max", metric_name=None, lr_scheduler=False, lr_min=1e-6,
         accum_iter=1, clip_grad=None, amp=True, frozen=(), lr_schedule=None, after_step=None,
         log_every=10, find_unused_parameters=False, extra_state=None, show_progress=True,
         skip_nonfinite=None,
@@ -681,16 +739,23 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     when given, runs on rank 0 after every epoch with the bare model in eval mode; its
     value (higher is better for ``metric_mode="max"``) selects the ``best`` checkpoint and
     drives the plateau scheduler, which every rank steps with the same broadcast value.
+    The JSON-lines log records it as ``"val"``, with ``"metric": metric_name`` when given;
+    ``"train"`` holds the mean of each loss term, under the names ``compute_losses`` gives.
     ``extra_state``: optional ``(get() -> dict, set(dict))`` pair saved in checkpoints.
     SIGTERM/SIGINT save a resumable ``last`` checkpoint at the next optimiser step and
     raise :class:`TrainingInterrupted`. ``skip_nonfinite`` (default: ``args.skip_nonfinite``,
     else 0): how many optimiser steps with a non-finite loss may be skipped over the whole
     run before it stops (:class:`NonFiniteGuard`). Before any training the output folder
     is checked for write access and room for the checkpoints (UserError otherwise).
+    ``frozen``: modules that must not train; fit freezes them (no gradients), removes their
+    parameters from ``optimizer`` however it was built, and keeps them in eval mode
+    (BatchNorm statistics fixed).
 
     Returns a dict with ``best_metric``, ``best_epoch``, ``epochs_run``, ``best_path``,
     ``last_path`` and ``history`` (one dict per epoch run in this call).
     """
+    frozen = tuple(frozen)
+    drop_frozen_parameters(optimizer, frozen)  # before check_space, which counts trainable state
     files = RunFiles(run_dir, run_name)
     files.check_writable()
     args_dict = dict(args) if isinstance(args, dict) else dict(vars(args))
@@ -732,6 +797,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
     guard = NonFiniteGuard(skip_nonfinite, device)
     if os.path.exists(files.last):
         state = load_file(files.last)
+        # on every rank, before any state is loaded: all ranks stop together
+        _check_changed_settings(state.get("args"), args_dict, files.last, warn=dist.is_main_process())
         try:
             bare.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -756,7 +823,6 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
             where = (f"epoch {start_epoch}, batch {partial['batches_done']}" if partial
                      else f"epoch {start_epoch - 1} done")
             print(f"Resuming from {files.last} ({where})", flush=True)
-            _warn_changed_settings(state.get("args"), args_dict, files.last)
             _append(files.log, f"Resumed at epoch {start_epoch}")
     elif dist.is_main_process():
         with open(files.log, "w") as f:
@@ -810,6 +876,8 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run_dir, run_
                                  f"Time: {time.time() - t1:.6f}")
                 value = dist.broadcast_object(value)  # one float, the same on every rank
                 record["val"] = value
+                if metric_name:
+                    record["metric"] = metric_name
                 if not math.isfinite(value):
                     raise NonFiniteLossError(f"validation metric is {value} after epoch {epoch}")
                 improved = _better(value, best, metric_mode)

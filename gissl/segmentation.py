@@ -73,10 +73,11 @@ def build_segmentation_model(args):
     return build_dpt_model(args, "segmentation")
 
 
-def train_dense(args, model, ds, device, compute_losses, validate, metric_mode):
+def train_dense(args, model, ds, device, compute_losses, validate, metric_mode, metric_name=None):
     """``gissl.engine.fit`` with the shared flags, for the segmentation and depth scripts.
 
-    ds: dict(train=, val=) datasets; validate: ``validate(model) -> float`` on the val split.
+    ds: dict(train=, val=) datasets; validate: ``validate(model) -> float`` on the val split,
+    named ``metric_name`` in the JSON-lines log.
     Returns fit's result dict."""
     if args.cosine and args.learning_rate_scheduler:
         raise UserError("--cosine and --learning-rate-scheduler are two learning-rate schedules; pick one")
@@ -88,16 +89,18 @@ def train_dense(args, model, ds, device, compute_losses, validate, metric_mode):
     return fit(model, train_loader=train_loader, compute_losses=compute_losses,
                optimizer=build_optimizer(model, args.learning_rate, weight_decay=args.weight_decay),
                device=device, run_dir=cli.output_dir(args), run_name=cli.run_name(args), args=args,
-               epochs=args.epochs, validate=validate, metric_mode=metric_mode,
+               epochs=args.epochs, validate=validate, metric_mode=metric_mode, metric_name=metric_name,
                lr_scheduler=args.learning_rate_scheduler, lr_min=args.learning_rate_scheduler_minimum,
                accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp,
                frozen=[model.encoder] if args.frozen else [], lr_schedule=lr_schedule)
 
 
 def compute_losses(model, batch, bce_weight=0.0):
-    """``{"dice": soft Dice [, "bce": weight·BCE]}`` for a batch ``{"image": (N,3,S,S), "mask": (N,1,S,S)}``."""
+    """``{"dice_loss": soft Dice loss [, "bce": weight·BCE]}`` for a batch ``{"image": (N,3,S,S),
+    "mask": (N,1,S,S)}``. The key names a loss (1 - soft Dice), not the Dice metric, which the
+    logs record under ``val`` with ``"metric": "dice"``."""
     logits = model(batch["image"])
-    losses = {"dice": soft_dice(logits, batch["mask"])}
+    losses = {"dice_loss": soft_dice(logits, batch["mask"])}
     if bce_weight:
         losses["bce"] = bce_weight * F.binary_cross_entropy_with_logits(logits.float(), batch["mask"].float())
     return losses

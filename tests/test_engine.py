@@ -218,3 +218,46 @@ def test_resume_with_other_settings_warns(tmp_path, capsys):
     run(tmp_path, epochs=3, seed=1)
     err = capsys.readouterr().err
     assert "other settings (--seed 0 -> 1)" in err and "--output-dir" in err
+
+
+class DropoutToy(Toy):
+    """Toy with model-side randomness: dropout draws from torch's global generator in the
+    training process, whatever the number of loader workers."""
+
+    def forward(self, x):
+        return self.head(nn.functional.dropout(self.encoder(x).mean((2, 3)), 0.5, self.training))
+
+
+def test_final_weights_do_not_depend_on_workers(tmp_path):
+    # Two epochs: with persistent workers the loader's base seed is drawn once, with
+    # workers=0 once per epoch, so epoch 2 also checks that this draw leaves the
+    # model's random stream alone.
+    finals = []
+    for workers in (0, 1, 2):
+        torch.manual_seed(0)
+        model = DropoutToy()
+        loader = engine.make_loader(ToyData(16), batch_size=8, train=True, workers=workers, seed=3)
+        engine.fit(model, train_loader=loader, compute_losses=losses,
+                   optimizer=engine.build_optimizer(model, lr=1e-2), device=torch.device("cpu"),
+                   run_dir=tmp_path / f"w{workers}", run_name="toy", args={"seed": 3}, epochs=2,
+                   amp=False, show_progress=False)
+        finals.append(model.state_dict())
+    for other in finals[1:]:
+        for name, value in finals[0].items():
+            assert torch.equal(value, other[name]), name
+
+
+def test_fit_freezes_what_it_is_given_even_with_an_optimizer_built_before(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    opt = engine.build_optimizer(model, lr=1e-1)  # built over every parameter, encoder included
+    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    engine.fit(model, train_loader=loader, compute_losses=losses, optimizer=opt,
+               device=torch.device("cpu"), run_dir=tmp_path, run_name="toy", args={"seed": 0},
+               epochs=1, amp=False, frozen=[model.encoder], show_progress=False)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not held & {id(p) for p in model.encoder.parameters()}
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights, running stats and num_batches_tracked

@@ -77,7 +77,7 @@ def test_list_id_follows_the_reference():
 def test_compute_losses_terms():
     model = Fixed(torch.zeros(2, 1, 4, 4, requires_grad=True))
     batch = {"image": torch.zeros(2, 3, 4, 4), "mask": torch.ones(2, 1, 4, 4)}
-    assert set(seg.compute_losses(model, batch)) == {"dice"}
+    assert set(seg.compute_losses(model, batch)) == {"dice_loss"}
     losses = seg.compute_losses(model, batch, bce_weight=0.5)
     np.testing.assert_allclose(losses["bce"].item(), 0.5 * np.log(2), rtol=1e-6)
 

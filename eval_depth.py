@@ -9,6 +9,8 @@ RMSE is printed as a baseline. Lines go to ``eval_results.txt`` in the reference
 
     python eval_depth.py --architecture resnet18 --image-size 128 --alignment median
 """
+import sys
+
 from gissl import cli, dist
 from gissl import depth
 from gissl.segmentation import print_list
@@ -26,6 +28,9 @@ def main(args):
     model = depth.load_model(args, device)
     out = depth.evaluate(model, depth.loader(test, args, device), device, args.alignment,
                          amp=not args.no_amp, keep_depth=bool(args.save_predictions))
+    warning = depth.constant_warning(out, "of the test set")
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.print_list:
         print_list(args, out["rmse"].tolist())
     cli.append_eval_results("Depth estimation results", cli.run_name(args), depth.summarize(out, args.alignment))

@@ -1,8 +1,9 @@
 """Colonoscopy depth: the task logic behind ``train_/eval_/predict_depth.py``.
 
-Model: encoder + DPT decoder with a sigmoid depth head (ssl4gie.md §3.5), output in the
-reference's unit where 1.0 = 100 mm (C3VD stores 0-100 mm as 0-65535; the reference divided
-by 65535). Loss: MiDaS scale-and-shift-invariant loss with multi-scale gradient matching,
+Model: encoder + DPT decoder with an unbounded (``--depth-output linear``, default) or, as
+SSL4GIE, a sigmoid depth head (``gissl.models.dpt.DepthHead`` says why the sigmoid collapses),
+trained on targets in the reference's unit where 1.0 = 100 mm (C3VD stores 0-100 mm as
+0-65535; the reference divided by 65535). Loss: MiDaS scale-and-shift-invariant loss with multi-scale gradient matching,
 α = 0.1 (§4.3), on targets in that unit, so α weighs the two terms as in the reference.
 
 Evaluation (§5.4), per frame: align the prediction to the ground truth on the network's
@@ -12,21 +13,26 @@ clamp to the valid range [0, 100] mm, and measure over valid pixels (ground trut
 **millimetres** (the reference reported units of 10 mm): RMSE, mean absolute error, median
 relative error, mean abs-rel and δ<1.25. The best constant prediction (each frame's mean
 valid depth) is scored alongside as a baseline. Validation during training selects on the
-same aligned RMSE over the validation videos.
+same aligned RMSE over the validation videos, and warns when the model's prediction has
+become constant (no depth structure left for the alignment to fit).
 """
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from gissl import cli
+from gissl import cli, dist
+from gissl.checkpoint import load_file
 from gissl.data.transforms import from_square
 from gissl.errors import UserError
-from gissl.losses import align_median, align_scale_shift, scale_shift_invariant
+from gissl.engine import prepare_for_eval
+from gissl.losses import align_median, flat_predictions, scale_shift_aligned, scale_shift_invariant
 from gissl.metrics import depth_errors
 from gissl import segmentation
+from gissl.models.dpt import DEPTH_OUTPUTS
 from gissl.segmentation import (add_dense_arguments, build_dpt_model, caption, hstack, loader, picture_label,
                                 predict_logits, selected_positions, text_font)
 
@@ -55,12 +61,17 @@ def add_arguments(parser):
     if stage == "train":
         parser.add_argument("--gradient-weight", dest="gradient_weight", type=float, default=0.1,
                             help="weight α of the multi-scale gradient-matching term (SSL4GIE / MiDaS: 0.1)")
+        parser.add_argument("--depth-output", dest="depth_output", default="linear", choices=DEPTH_OUTPUTS,
+                            help="last layer of the depth head: linear (unbounded, as MiDaS; the aligned "
+                                 "depth is clamped to 0-100 mm afterwards) or sigmoid (SSL4GIE; can "
+                                 "saturate to a constant map at learning rates around 1e-3). Eval and "
+                                 "predict read it from the checkpoint")
     return parser
 
 
-def build_depth_model(args):
-    """Encoder + DPT with the sigmoid depth head."""
-    return build_dpt_model(args, "depth")
+def build_depth_model(args, depth_output=None):
+    """Encoder + DPT with the depth head ``depth_output`` (default: ``--depth-output``, else linear)."""
+    return build_dpt_model(args, "depth", depth_output=depth_output or getattr(args, "depth_output", "linear"))
 
 
 def compute_losses(model, batch, alpha=0.1):
@@ -70,15 +81,14 @@ def compute_losses(model, batch, alpha=0.1):
 
 
 def align(pred, target_mm, alignment="scale-shift"):
-    """Model output (N, 1, S, S) in [0, 1] -> depth in mm fitted to ``target_mm`` (N, 1, S, S).
+    """Model output (N, 1, S, S) (relative depth) -> depth in mm fitted to ``target_mm`` (N, 1, S, S).
 
     ``scale-shift``: least squares over valid pixels (SSL4GIE §5.4); ``median``: scale by the
     ratio of medians; ``none``: the output read in the model unit (1 = 100 mm).
     """
     valid = target_mm > 0
     if alignment == "scale-shift":
-        s, t = align_scale_shift(pred, target_mm, valid)
-        return s.view(-1, 1, 1, 1) * pred.float() + t.view(-1, 1, 1, 1)
+        return scale_shift_aligned(pred, target_mm, valid)
     if alignment == "median":
         return align_median(pred, target_mm, valid).view(-1, 1, 1, 1) * pred.float()
     if alignment == "none":
@@ -98,13 +108,16 @@ def evaluate(model, loader, device, alignment="scale-shift", amp=True, keep_dept
     """Per-frame errors (mm) at original resolution over ``loader`` (``original=True`` samples).
 
     Returns ``depth_errors``'s (N,) tensors (``"constant_rmse"`` is the best constant
-    prediction), ``"paths"``, and ``"depth"`` (list of (h, w) mm arrays) when ``keep_depth``.
-    Every number is computed per frame, so the batch size changes none of them.
+    prediction), ``"constant"`` (N,) bool (the raw output is constant over the frame's valid
+    pixels, see ``gissl.losses.flat_predictions``), ``"paths"``, and ``"depth"`` (list of (h, w)
+    mm arrays) when ``keep_depth``. Every number is computed per frame, so the batch size
+    changes none of them.
     """
     model.eval()
-    errors, paths, depths = [], [], []
+    errors, paths, depths, constant = [], [], [], []
     for batch in loader:
         pred = predict_logits(model, batch["image"], device, amp).cpu()
+        constant.append(flat_predictions(pred, batch["depth"] > 0))
         aligned = align(pred, batch["depth"], alignment)
         for p, gt, path in zip(aligned, batch["depth_orig"], batch["path"]):
             p = to_original(p, gt)
@@ -113,10 +126,27 @@ def evaluate(model, loader, device, alignment="scale-shift", amp=True, keep_dept
             if keep_depth:
                 depths.append(p[0].numpy())
     out = {k: torch.cat([e[k] for e in errors]) for k in errors[0]}
+    out["constant"] = torch.cat(constant)
     out["paths"] = paths
     if keep_depth:
         out["depth"] = depths
     return out
+
+
+def constant_warning(out, frames="frames"):
+    """A ``warning: ...`` line when some frame's prediction is constant, else ``None``.
+
+    out: :func:`evaluate`'s result; frames: what was evaluated ("validation frames"). A
+    constant map carries no depth: the scale-and-shift fit returns the best constant depth,
+    and the scale-and-shift-invariant loss gives such a model no gradient, so it stays there.
+    """
+    n, k = len(out["constant"]), int(out["constant"].sum())
+    if k == 0:
+        return None
+    return (f"warning: the depth model predicts a constant depth map for {k} of {n} {frames}: it has "
+            "collapsed (a constant map gets no gradient from the scale-and-shift-invariant loss) and "
+            "those frames score as the best constant depth. Train with --depth-output linear (the "
+            "default), a lower --learning-rate, or --cosine")
 
 
 def summarize(out, alignment):
@@ -127,14 +157,20 @@ def summarize(out, alignment):
     return {"RMSE": mean(out["rmse"]), "Relative Error": mean(out["rel_median"]),
             "Absolute Error": mean(out["abs"]), "Abs-rel": mean(out["abs_rel"]),
             "Delta<1.25": mean(out["delta1"]), "Constant-depth RMSE": mean(out["constant_rmse"]),
+            "Constant-prediction frames": int(out["constant"].sum()),
             "Alignment": alignment, "Frames": len(out["paths"]),
             "Units": "mm (RMSE, Absolute Error, Constant-depth RMSE); the others are ratios"}
 
 
 def make_validate(loader, device, amp=True):
-    """``validate(model) -> mean aligned RMSE (mm)`` on the validation videos (lower is better)."""
+    """``validate(model) -> mean aligned RMSE (mm)`` on the validation videos (lower is better);
+    prints :func:`constant_warning` to stderr when the prediction has become constant."""
     def validate(model):
-        return float(np.nanmean(evaluate(model, loader, device, "scale-shift", amp)["rmse"].numpy()))
+        out = evaluate(model, loader, device, "scale-shift", amp)
+        warning = constant_warning(out, "validation frames")
+        if warning and dist.is_main_process():
+            print(warning, file=sys.stderr, flush=True)
+        return float(np.nanmean(out["rmse"].numpy()))
     return validate
 
 
@@ -146,8 +182,20 @@ def datasets(args, original=False):
 
 
 def load_model(args, device):
-    """The finetuned model of this run (``Trained models/depth/<name>.pth``), eval mode."""
-    return segmentation.load_model(args, device, build_depth_model)
+    """The finetuned model of this run (``Trained models/depth/<name>.pth``), eval mode, with the
+    depth head it was trained with (checkpoints without ``depth_output`` predate the linear head:
+    sigmoid)."""
+    model = build_depth_model(args, stored_depth_output(cli.trained_path(args)))
+    cli.load_trained(model, args)
+    return prepare_for_eval(model, device, getattr(args, "compile", False))
+
+
+def stored_depth_output(path):
+    """The ``--depth-output`` a gissl depth checkpoint was trained with ("sigmoid" if unrecorded)."""
+    if not Path(path).is_file():
+        return None  # load_trained says what is missing
+    stored = load_file(path)
+    return (stored.get("args") or {}).get("depth_output", "sigmoid") if isinstance(stored, dict) else None
 
 
 def frame_name(path, root):

@@ -23,13 +23,14 @@ def soft_dice(logits, target, smooth=1e-8):
     return 1 - dice.mean()
 
 
-def align_scale_shift(pred, target, mask):
-    """Least-squares scale s and shift t per image minimising Σ_mask (s·pred + t − target)².
+# A prediction whose spread over the valid pixels is within this many fp32 rounding steps of its
+# values carries no depth structure: its least-squares scale would only amplify rounding noise
+# (s ~ 1/std grows past 1e6 and the fit loses every digit), so it is fitted as a constant.
+_FLAT_ULPS = 8
 
-    pred, target: (N, H, W) or (N, 1, H, W); mask: same shape, bool. Returns (s, t), each (N,),
-    in fp32. Images whose 2×2 system is singular (fewer than two distinct valid values, or no
-    valid pixel) get s = t = 0, as the reference (MiDaS `compute_scale_and_shift`).
-    """
+
+def _centred_fit(pred, target, mask):
+    """(scale, mean_p, mean_d, ok) per image, fp32; ``ok`` False where the fit is singular."""
     m = mask.float().flatten(1)
     p = pred.float().flatten(1)
     d = target.float().flatten(1)
@@ -41,10 +42,42 @@ def align_scale_shift(pred, target, mask):
     pc = m * (p - mean_p[:, None])
     var = (pc * pc).sum(1)
     cov = (pc * (d - mean_d[:, None])).sum(1)
-    ok = var > 0
+    peak = (m * p).abs().amax(1)
+    ok = var > n * (_FLAT_ULPS * torch.finfo(torch.float32).eps * peak) ** 2
+    ok = ok & (var > 0)
     scale = torch.where(ok, cov / torch.where(ok, var, torch.ones_like(var)), torch.zeros_like(var))
-    shift = torch.where(ok, mean_d - scale * mean_p, torch.zeros_like(var))
-    return scale, shift
+    return scale, mean_p, mean_d, ok
+
+
+def flat_predictions(pred, mask):
+    """(N,) bool: images whose prediction is constant over ``mask`` (up to fp32 rounding) or that
+    have fewer than two valid pixels, i.e. where :func:`align_scale_shift` returns s = 0."""
+    return ~_centred_fit(pred, pred, mask)[3]
+
+
+def align_scale_shift(pred, target, mask):
+    """Least-squares scale s and shift t per image minimising Σ_mask (s·pred + t − target)².
+
+    pred, target: (N, H, W) or (N, 1, H, W); mask: same shape, bool. Returns (s, t), each (N,),
+    in fp32. Where the 2×2 system is singular (a prediction constant over the mask up to fp32
+    rounding, or a single valid pixel) the least-squares solutions are all fits by a constant;
+    this returns s = 0, t = mean(target over the mask), so the aligned prediction is the best
+    constant and never worse. (The reference, MiDaS ``compute_scale_and_shift``, returns
+    s = t = 0 there: a constant-0 depth, worse than any constant.) No valid pixel: s = t = 0.
+    """
+    scale, mean_p, mean_d, _ = _centred_fit(pred, target, mask)
+    return scale, mean_d - scale * mean_p
+
+
+def scale_shift_aligned(pred, target, mask):
+    """``s·pred + t`` of :func:`align_scale_shift`, same shape as ``pred``, fp32.
+
+    Evaluated as ``s·(pred − mean pred) + mean target``: with a large s (a prediction of small
+    spread) the literal ``s·pred + t`` cancels two large numbers and loses most fp32 digits.
+    """
+    scale, mean_p, mean_d, _ = _centred_fit(pred, target, mask)
+    shape = (-1,) + (1,) * (pred.dim() - 1)
+    return scale.view(shape) * (pred.float() - mean_p.view(shape)) + mean_d.view(shape)
 
 
 def align_median(pred, target, mask):
@@ -90,8 +123,7 @@ def scale_shift_invariant(pred, target, mask=None, alpha=0.1, scales=4):
     target = target.float().reshape(pred.shape)
     mask = (target > 0) if mask is None else mask.reshape(pred.shape)
     m = mask.float()
-    s, t = align_scale_shift(pred, target, mask)
-    residual = m * (s.view(-1, 1, 1) * pred + t.view(-1, 1, 1) - target)
+    residual = m * (scale_shift_aligned(pred, target, mask) - target)
     loss = (residual * residual).sum() / (2 * m.sum()).clamp_min(1)
     if alpha > 0:
         for k in range(scales):

@@ -128,15 +128,28 @@ class SegmentationHead(nn.Module):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
-class DepthHead(nn.Module):
-    """3×3 conv 256→128 → bilinear ×2 → 3×3 conv → 32 → ReLU → 1×1 conv → 1 → sigmoid.
+DEPTH_OUTPUTS = ("linear", "sigmoid")
 
-    The sigmoid keeps depth non-negative and in [0, 1], the reference's unit (1 = 100 mm
-    for C3VD, see ``gissl.depth``). The reference interpolates with ``align_corners=True``.
+
+class DepthHead(nn.Module):
+    """3×3 conv 256→128 → bilinear ×2 → 3×3 conv → 32 → ReLU → 1×1 conv → 1 [→ sigmoid].
+
+    ``output="linear"`` (default) leaves the last conv unbounded, as the relative-depth heads
+    of MiDaS (Ranftl et al., TPAMI 2020) trained with the same scale-and-shift-invariant loss:
+    that loss fits its own scale and shift, so it pins neither the level nor the range of the
+    output, and the depth range belongs after the alignment (``gissl.depth`` clamps the
+    aligned depth to the sensor's range). ``output="sigmoid"`` is SSL4GIE's head (output in
+    [0, 1]); under that loss its level drifts freely, and as the sigmoid saturates the loss's
+    gradient with respect to the logits grows like 1/(σ'·spread), so one Adam step can push
+    every logit far into saturation: a constant output of exactly 1.0 (or 0) whose gradient is
+    exactly zero from then on. The reference interpolates with ``align_corners=True``.
     """
 
-    def __init__(self, channels):
+    def __init__(self, channels, output="linear"):
         super().__init__()
+        if output not in DEPTH_OUTPUTS:
+            raise UserError(f"unknown depth output '{output}'; choose from {', '.join(DEPTH_OUTPUTS)}")
+        self.output = output
         self.conv1 = nn.Conv2d(channels, channels // 2, 3, padding=1)
         self.conv2 = nn.Conv2d(channels // 2, 32, 3, padding=1)
         self.conv3 = nn.Conv2d(32, 1, 1)
@@ -144,18 +157,19 @@ class DepthHead(nn.Module):
     def forward(self, x, size):
         x = F.interpolate(self.conv1(x), size=size, mode="bilinear", align_corners=True)
         x = F.relu(self.conv2(x))
-        # The last layer runs in fp32 even under autocast: a bf16 sigmoid has ~256 levels in
-        # [0.5, 1], so nearby depths collapse to one value, the scale-and-shift fit of a flat
-        # map is singular (s = t = 0) and the gradient vanishes for good.
+        # The last layer runs in fp32 even under autocast: bf16 keeps 8 significant bits, so
+        # nearby depths would collapse to one value and the scale-and-shift fit of the
+        # resulting flat map carries no structure (and no gradient).
         with torch.autocast(x.device.type, enabled=False):
-            return torch.sigmoid(self.conv3(x.float()))
+            out = self.conv3(x.float())
+            return torch.sigmoid(out) if self.output == "sigmoid" else out
 
 
 class DPT(nn.Module):
     """Encoder + DPT decoder. ``forward(x (N, 3, H, W)) -> (N, K, H, W)``.
 
-    ``task="segmentation"``: K = ``num_classes`` logits. ``task="depth"``: K = 1, values in
-    [0, 1] (relative depth; metric or aligned by the caller). H and W should be multiples
+    ``task="segmentation"``: K = ``num_classes`` logits. ``task="depth"``: K = 1, unbounded
+    relative depth (metric or aligned by the caller). H and W should be multiples
     of 32 (and of the ViT patch size); other sizes work but the last maps are resized.
 
     The encoder must offer ``forward_features`` (4 maps), ``feature_dims`` and
@@ -164,7 +178,8 @@ class DPT(nn.Module):
     are frozen here, so no parameter is left without a gradient under DDP.
     """
 
-    def __init__(self, encoder, task="segmentation", num_classes=1, features=FUSION_CHANNELS):
+    def __init__(self, encoder, task="segmentation", num_classes=1, features=FUSION_CHANNELS,
+                 depth_output="linear"):
         super().__init__()
         if task not in ("segmentation", "depth"):
             raise UserError(f"unknown DPT task '{task}'; choose segmentation or depth")
@@ -181,7 +196,7 @@ class DPT(nn.Module):
         self.project = nn.ModuleList(
             nn.Conv2d(d, features, 3, padding=1, bias=False) for d in self.reassemble.out_dims)
         self.fusion = nn.ModuleList(FusionBlock(features, use_bn, has_previous=i < 3) for i in range(4))
-        self.head = SegmentationHead(features, num_classes) if use_bn else DepthHead(features)
+        self.head = SegmentationHead(features, num_classes) if use_bn else DepthHead(features, depth_output)
         _freeze_unused_vit_parts(encoder)
 
     def forward(self, x):

@@ -25,13 +25,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from gissl import cli, dist
-from gissl.checkpoint import load_file
 from gissl.data.transforms import from_square
 from gissl.errors import UserError
 from gissl.engine import prepare_for_eval
 from gissl.losses import align_median, flat_predictions, scale_shift_aligned, scale_shift_invariant
 from gissl.metrics import depth_errors
-from gissl import segmentation
 from gissl.models.dpt import DEPTH_OUTPUTS
 from gissl.segmentation import (add_dense_arguments, build_dpt_model, caption, hstack, loader, picture_label,
                                 predict_logits, selected_positions, text_font)
@@ -185,17 +183,11 @@ def load_model(args, device):
     """The finetuned model of this run (``Trained models/depth/<name>.pth``), eval mode, with the
     depth head it was trained with (checkpoints without ``depth_output`` predate the linear head:
     sigmoid)."""
-    model = build_depth_model(args, stored_depth_output(cli.trained_path(args)))
-    cli.load_trained(model, args)
+    model = build_depth_model(args)
+    stored = cli.load_trained(model, args).get("args") or {}
+    # The head's parameters are the same for both outputs; only its last function differs.
+    model.head.output = stored.get("depth_output", "sigmoid")
     return prepare_for_eval(model, device, getattr(args, "compile", False))
-
-
-def stored_depth_output(path):
-    """The ``--depth-output`` a gissl depth checkpoint was trained with ("sigmoid" if unrecorded)."""
-    if not Path(path).is_file():
-        return None  # load_trained says what is missing
-    stored = load_file(path)
-    return (stored.get("args") or {}).get("depth_output", "sigmoid") if isinstance(stored, dict) else None
 
 
 def frame_name(path, root):

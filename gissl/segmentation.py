@@ -58,11 +58,12 @@ def add_arguments(parser):
     return parser
 
 
-def build_dpt_model(args, task):
-    """Encoder (from the model flags) + DPT decoder for ``task`` ("segmentation" or "depth");
-    the encoder is frozen with ``--frozen`` (pass ``model.encoder`` to ``fit(frozen=...)``)."""
+def build_dpt_model(args, task, **kwargs):
+    """Encoder (from the model flags) + DPT decoder for ``task`` ("segmentation" or "depth"),
+    further ``DPT`` keywords in ``kwargs``; the encoder is frozen with ``--frozen`` (pass
+    ``model.encoder`` to ``fit(frozen=...)``)."""
     model = DPT(cli.encoder_from_args(args, img_size=args.image_size), task=task,
-                features=args.decoder_channels)
+                features=args.decoder_channels, **kwargs)
     if getattr(args, "frozen", False) and args.stage == "train":
         freeze(model.encoder)
     return model

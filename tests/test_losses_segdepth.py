@@ -84,3 +84,27 @@ def test_scale_shift_invariant_is_invariant_and_safe_without_valid_pixels():
     loss = scale_shift_invariant(p, torch.zeros(2, 1, 16, 16))
     assert torch.is_tensor(loss) and loss.item() == 0.0
     loss.backward()  # still part of the graph: the engine can backpropagate it
+
+
+def test_align_scale_shift_fits_like_numpy_lstsq_on_degenerate_frames():
+    """Random, constant-prediction, one-pixel and empty frames in one batch: the fitted values
+    equal numpy's least squares; a singular frame gets s = 0, t = mean(target)."""
+    import numpy as np
+    from gissl.losses import align_scale_shift
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(4, 8, 8, generator=g)
+    d = torch.rand(4, 8, 8, generator=g) * 50 + 10
+    p[1] = 0.7
+    m = torch.ones_like(p, dtype=torch.bool)
+    m[2] = False
+    m[2, 0, 0] = True
+    m[3] = False
+    s, t = align_scale_shift(p, d, m)
+    for i in range(3):
+        v = m[i].numpy()
+        a = np.stack([p[i].numpy()[v], np.ones(v.sum())], 1)
+        x = np.linalg.lstsq(a, d[i].numpy()[v], rcond=None)[0]
+        np.testing.assert_allclose(a @ np.array([s[i], t[i]]), a @ x, rtol=1e-5, atol=1e-4)
+    for i in (1, 2):
+        assert s[i] == 0 and torch.isclose(t[i], d[i][m[i]].mean())
+    assert s[3] == 0 and t[3] == 0

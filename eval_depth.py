@@ -28,7 +28,7 @@ def main(args):
     model = depth.load_model(args, device)
     out = depth.evaluate(model, depth.loader(test, args, device), device, args.alignment,
                          amp=not args.no_amp, keep_depth=bool(args.save_predictions))
-    warning = depth.constant_warning(out, "of the test set")
+    warning = depth.constant_warning(out, "test frames")
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if args.print_list:

@@ -18,7 +18,11 @@ def test_dpt_shapes_and_every_trainable_parameter_gets_a_gradient(arch, task):
         for size in sizes:
             out = model(torch.randn(1, 3, size, size))
             assert out.shape == (1, 1, size, size)
-    if task == "depth":  # sigmoid head: non-negative, in the reference's [0, 1] unit
+    if task == "depth":  # default linear head: unbounded; SSL4GIE's sigmoid head: in [0, 1]
+        assert model.head.output == "linear"
+        model.head.output = "sigmoid"
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 96, 96))
         assert out.min() >= 0 and out.max() <= 1
     model(torch.randn(2, 3, 64, 64)).mean().backward()
     # Nothing trainable is left without a gradient, so DDP needs no find_unused_parameters;

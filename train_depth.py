@@ -28,8 +28,8 @@ def main(args):
         print(f"C3VD: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test frames "
               f"at {args.image_size} px", flush=True)
     validate = depth.make_validate(depth.loader(ds["val"], args, device), device, not args.no_amp)
-    result = train_dense(args, model, ds, device, partial(depth.compute_losses, alpha=args.gradient_weight),
-                         validate, metric_mode="min")
+    losses = partial(depth.compute_losses, alpha=args.gradient_weight, anchor_weight=args.anchor_weight)
+    result = train_dense(args, model, ds, device, losses, validate, metric_mode="min")
     if dist.is_main_process():
         print(f"best validation RMSE {result['best_metric']:.3f} mm (scale-shift aligned) at epoch "
               f"{result['best_epoch']}; model saved to {result['best_path']}", flush=True)

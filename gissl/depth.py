@@ -28,13 +28,15 @@ from gissl import cli, dist
 from gissl.data.transforms import from_square
 from gissl.errors import UserError
 from gissl.engine import prepare_for_eval
-from gissl.losses import align_median, flat_predictions, scale_shift_aligned, scale_shift_invariant
+from gissl.losses import align_median, flat_predictions, masked_mse, scale_shift_aligned, scale_shift_invariant
 from gissl.metrics import depth_errors
 from gissl.models.dpt import DEPTH_OUTPUTS
 from gissl.segmentation import (add_dense_arguments, build_dpt_model, caption, hstack, loader, picture_label,
                                 predict_logits, selected_positions, text_font)
 
 DATASETS = ("C3VD",)
+# Weight of the unaligned MSE that holds the output's level and range (see compute_losses).
+ANCHOR_WEIGHT = 0.01
 DEPTH_UNIT_MM = 100.0   # model / loss unit: 1.0 = 100 mm (C3VD's full 16-bit range, ssl4gie.md §2.5)
 MAX_DEPTH_MM = 100.0    # predictions are clamped to C3VD's range, as the reference's clamp to [0, 1]
 ALIGNMENTS = ("scale-shift", "median", "none")
@@ -59,6 +61,10 @@ def add_arguments(parser):
     if stage == "train":
         parser.add_argument("--gradient-weight", dest="gradient_weight", type=float, default=0.1,
                             help="weight α of the multi-scale gradient-matching term (SSL4GIE / MiDaS: 0.1)")
+        parser.add_argument("--anchor-weight", dest="anchor_weight", type=float, default=ANCHOR_WEIGHT,
+                            help=f"weight of the unaligned MSE (model unit, 1 = 100 mm) added to the "
+                                 f"scale-and-shift-invariant loss so that the output's level and range "
+                                 f"cannot drift (default {ANCHOR_WEIGHT}; 0 = SSL4GIE's loss alone)")
         parser.add_argument("--depth-output", dest="depth_output", default="linear", choices=DEPTH_OUTPUTS,
                             help="last layer of the depth head: linear (unbounded, as MiDaS; the aligned "
                                  "depth is clamped to 0-100 mm afterwards) or sigmoid (SSL4GIE; can "
@@ -72,10 +78,19 @@ def build_depth_model(args, depth_output=None):
     return build_dpt_model(args, "depth", depth_output=depth_output or getattr(args, "depth_output", "linear"))
 
 
-def compute_losses(model, batch, alpha=0.1):
-    """``{"ssi": loss}`` for ``{"image": (N,3,S,S), "depth": (N,1,S,S) mm, 0 = invalid}``."""
+def compute_losses(model, batch, alpha=0.1, anchor_weight=ANCHOR_WEIGHT):
+    """``{"ssi": loss, "anchor": loss}`` for ``{"image": (N,3,S,S), "depth": (N,1,S,S) mm, 0 = invalid}``.
+
+    ``ssi`` is the MiDaS / SSL4GIE loss. It is blind to the output's level and scale, so an
+    unbounded head drifts (means of ±1e3 after a dozen steps at lr 3e-3) and a sigmoid head
+    saturates; ``anchor`` = ``anchor_weight`` × the unaligned MSE in the model unit (1 = 100 mm)
+    holds both near the target's. ``anchor_weight=0`` is the reference's loss alone."""
     pred = model(batch["image"])
-    return {"ssi": scale_shift_invariant(pred, batch["depth"] / DEPTH_UNIT_MM, alpha=alpha)}
+    target = batch["depth"] / DEPTH_UNIT_MM
+    losses = {"ssi": scale_shift_invariant(pred, target, alpha=alpha)}
+    if anchor_weight > 0:
+        losses["anchor"] = anchor_weight * masked_mse(pred, target)
+    return losses
 
 
 def align(pred, target_mm, alignment="scale-shift"):

@@ -132,6 +132,18 @@ def scale_shift_invariant(pred, target, mask=None, alpha=0.1, scales=4):
             loss = loss + alpha * _masked_gradient_l1(r, mk).sum() / mk.sum().clamp_min(1)
     return loss
 
+def masked_mse(pred, target, mask=None):
+    """Mean squared error over valid pixels, ``Σ_M (p − d)² / Σ|M|``, in fp32.
+
+    pred, target: same shape; mask: bool, default ``target > 0``. Depth training adds it with a
+    small weight to the scale-and-shift-invariant loss as an anchor: that loss does not change
+    when the output is scaled or shifted, so nothing else holds the output's level and range.
+    """
+    pred, target = pred.float(), target.float().reshape(pred.shape)
+    m = ((target > 0) if mask is None else mask.reshape(pred.shape)).float()
+    return (m * (pred - target) ** 2).sum() / m.sum().clamp_min(1)
+
+
 # ---- self-supervised pretraining (helper: pretrain) ----
 #
 # Gradient convention under torchrun: every loss below returns, on each rank, a value whose

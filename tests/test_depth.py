@@ -117,3 +117,65 @@ def test_scripts_end_to_end(c3vd, tmp_path, monkeypatch, capsys):
     for i, line in zip((0, 5), printed):
         picture = tmp_path / f"Predictions/depth-C3VD/test{i}_resnet18-random_init-frozen_False.png"
         assert picture.is_file() and line.endswith(str(picture.relative_to(tmp_path)))
+
+
+# Points of the grid a user's collapse was found in (random-init resnet18 + DPT, AdamW, no
+# schedule, 64 px, 12 optimiser steps on the built-in synthetic C3VD): (seed, lr, batch, bf16).
+# On the sigmoid head with the plain scale-and-shift-invariant loss, (0, 3e-3, 4, bf16) and
+# (1, 3e-3, 2, fp32) ended with every output exactly 1.0 and a zero gradient.
+GRID = [(0, 3e-3, 4, True), (1, 3e-3, 2, False), (0, 1e-3, 4, False), (1, 1e-3, 2, True)]
+
+
+@pytest.mark.slow
+def test_depth_training_does_not_collapse_over_a_grid():
+    from gissl.data import build_depth_datasets
+    from gissl.data.synthetic import synthetic_root
+    from gissl.engine import autocast, build_optimizer, make_loader
+    from gissl.losses import flat_predictions
+    from gissl.models import build_encoder
+    from gissl.models.dpt import DPT
+    ds = build_depth_datasets(synthetic_root("C3VD"), image_size=64)["train"]
+    failures = []
+    for seed, lr, batch, amp in GRID:
+        torch.manual_seed(seed)
+        model = DPT(build_encoder("resnet18"), "depth", features=16).train()
+        opt = build_optimizer(model, lr, weight_decay=0.01)
+        loader = make_loader(ds, batch_size=batch, train=True, workers=0, seed=seed)
+        steps = 0
+        while steps < 12:
+            for b in loader:
+                with autocast(torch.device("cpu"), amp):
+                    loss = sum(depth.compute_losses(model, b).values())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+                if steps == 12:
+                    break
+        model.eval()
+        with torch.no_grad():
+            b = next(iter(make_loader(ds, batch_size=8, train=False, workers=0)))
+            pred = model(b["image"])
+        valid = b["depth"] > 0
+        if not torch.isfinite(loss) or flat_predictions(pred, valid).any() or pred.abs().max() > 100:
+            failures.append((seed, lr, batch, amp, float(loss), float(pred.min()), float(pred.max())))
+    assert not failures, failures
+
+
+def test_constant_prediction_is_reported_in_validation(capsys):
+    from gissl.data import build_depth_datasets
+    from gissl.data.synthetic import synthetic_root
+    from gissl.engine import make_loader
+    from gissl.models import build_encoder
+    from gissl.models.dpt import DPT
+    val = build_depth_datasets(synthetic_root("C3VD"), image_size=64, original=True)["val"]
+    model = DPT(build_encoder("resnet18"), "depth", features=16)
+    with torch.no_grad():
+        model.head.conv3.weight.zero_()  # the collapsed state: one value everywhere
+    loader = make_loader(val, batch_size=8, train=False, workers=0)
+    rmse = depth.make_validate(loader, torch.device("cpu"))(model)
+    err = capsys.readouterr().err
+    assert re.search(r"warning: the depth model predicts a constant depth map for (\d+) of \1 validation", err)
+    out = depth.evaluate(model, loader, torch.device("cpu"))
+    # the fit of a constant map is the best constant: its RMSE equals the constant baseline
+    assert rmse == pytest.approx(float(np.nanmean(out["constant_rmse"].numpy())), rel=1e-4)

@@ -14,7 +14,7 @@ JSON file, ``--json``):
   set-ups whose steps take turns, so machine load hits them alike:
   gissl (default: bf16 autocast, fused AdamW, channels_last ResNets on CUDA and CPU),
   reference (timm / torchvision + default ``torch.optim.AdamW`` + fp32 on CPU, fp16 autocast
-  with GradScaler on GPU, ssl4gie.md §4.1) and best timm/torchvision (fused AdamW + bf16). The
+  with GradScaler on GPU, docs/ssl4gie.md §4.1) and best timm/torchvision (fused AdamW + bf16). The
   gissl row gives its ratio to both, and every row its MFU: FLOPs of one step counted by
   ``torch.utils.flop_counter.FlopCounterMode`` divided by step time and the matmul peak of the
   row's dtype (``mfu``: the best peak of the run; ``mfu sus``: the median of 2048^3 matmuls
@@ -51,10 +51,11 @@ import time
 import torch
 
 from gissl import dist
-from gissl.engine import (amp_dtype, build_optimizer, make_loader, to_channels_last, train_one_epoch,
-                          use_channels_last)
+from gissl.engine import FitOptions, amp_dtype, to_channels_last, train_one_epoch, use_channels_last
+from gissl.loaders import make_loader
+from gissl.optim import build_optimizer
 from gissl.errors import UserError
-from gissl.models import build_encoder, is_vit
+from gissl.models import build_encoder, family, is_vit
 
 
 # --------------------------------------------------------------------------- measuring
@@ -278,7 +279,7 @@ def _setups(arch, images, device, lr=1e-4):
     del probe
 
     def reference():
-        # ssl4gie.md §4.1: torch.optim.AdamW(model.parameters(), lr) with every default, fp16
+        # docs/ssl4gie.md §4.1: torch.optim.AdamW(model.parameters(), lr) with every default, fp16
         # autocast + GradScaler on GPU; on CPU the reference had no AMP at all
         model = _reference_encoder(arch, images.shape[-1])[1]
         fp16 = device.type == "cuda"
@@ -398,9 +399,8 @@ def _task_specs(arch, size, batch, args):
                   {"image": two, "mask": (torch.rand(batch, 2, 1, size, size, generator=g) > 0.7).float()},
                   functools.partial(train_retrieval.compute_losses, temperature=0.05, entropy_weight=5.0,
                                     mse_weight=0.5, mixup_prob=0.05), {"betas": (0.9, 0.95)}))
-    family = "vit" if is_vit(arch) else "resnet"
     for fw, families in SS_FRAMEWORKS.items():
-        if family not in families:
+        if family(arch) not in families:
             continue
         rec = recipe(fw, arch)
         views = (img,) if fw == "mae" else (img, torch.randn(batch, 3, size, size, generator=g))
@@ -426,7 +426,8 @@ def _train_rate(spec, device, amp, args):
         model = to_channels_last(build().to(device), device)  # as engine.fit does
         optimizer = build_optimizer(model, 1e-4, kind=kind, **opt_kw)
         run = functools.partial(train_one_epoch, model, optimizer=optimizer, compute_losses=compute_losses,
-                                device=device, epoch=1, amp=amp, show_progress=False, log_every=args.steps + 1)
+                                device=device, epoch=1,
+                                options=FitOptions(amp=amp, show_progress=False, log_every=args.steps + 1))
         run([batch] * max(args.warmup, 1))
         sync(device)
         t = time.perf_counter()
@@ -478,7 +479,7 @@ def _eval_runs(task, model, data, device, batch):
             return {"RMSE": s["RMSE"], "Absolute Error": s["Absolute Error"]}
     return {("gissl", True, batch): lambda: run(batch, True),
             ("gissl fp32", False, batch): lambda: run(batch, False),
-            # the reference evaluates one image at a time in fp32 (ssl4gie.md §2.6, §5)
+            # the reference evaluates one image at a time in fp32 (docs/ssl4gie.md §2.6, §5)
             ("reference", False, 1): lambda: run(1, False)}
 
 

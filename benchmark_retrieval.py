@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from gissl import dist
-from gissl.retrieval import DescriptorIndex, RetrievalModel, recall_at_k, use_faiss_gpu
+from gissl.retrieval import RetrievalModel
+from gissl.search import DescriptorIndex, recall_at_k, use_faiss_gpu
 
 
 def get_args():

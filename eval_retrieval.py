@@ -1,6 +1,6 @@
 """Evaluate a polyp-retrieval descriptor.
 
-``--dataset PolypTwin`` (default): EndoFinder's copy-detection protocol (endofinder.md §3) on
+``--dataset PolypTwin`` (default): EndoFinder's copy-detection protocol (docs/endofinder.md §3) on
 ``<root>/val_query/``, ``<root>/val_ref/`` and ``<root>/val_groundtruth_matches.csv``: the k
 best references of every query are pooled and scored with micro-AP, accuracy@1 and recall at
 90 % precision (ISC2021 definitions, worst-case ties). Without ``--data-root`` the built-in
@@ -15,30 +15,60 @@ accuracy of the k-nearest-neighbour vote (plain and similarity-weighted).
     python eval_retrieval.py --architecture resnet18 --image-size 64           # trained model
     python eval_retrieval.py --architecture resnet18 --image-size 64 --untrained  # random init
 """
-import argparse
 import csv
 import os
 
 import numpy as np
 
+import torch
+
 from gissl import cli, dist
 from gissl import retrieval as R
+from gissl.search import DescriptorIndex
+from gissl.engine import compile_model, prepare_for_eval
 from gissl.errors import UserError
 from gissl.metrics import map_at_k, precision_at_k
+from gissl.report import append_eval_results
 from gissl.retrieval_data import synthetic_twin_root, twin_set
 
 EVAL_DATASETS = ("PolypTwin", "Hyperkvasir_pathological", "Hyperkvasir_anatomical")
 
 
-def get_args():
+def get_args(argv=None):
     p = cli.task_parser("retrieval", "Evaluate a polyp-retrieval descriptor", stage="eval",
-                        datasets=EVAL_DATASETS, default_batch_size=32, default_arch="vit_b")
-    R.add_model_arguments(p)
-    R.add_inference_arguments(p)
-    args = cli.check_args(p.parse_args())
+                        datasets=EVAL_DATASETS, default_batch_size=32, default_arch="vit_b", encoder_checkpoint=True)
+    return check(cli.parse(R.add_arguments(p, "eval"), argv))
+
+
+def check(args):
+    """The retrieval eval / predict checks (shared with predict_retrieval.py)."""
     if args.k < 1:
         raise UserError("--k must be at least 1")
+    if args.checkpoint and not args.untrained:
+        raise UserError("--checkpoint is the pretrained encoder and has no effect without --untrained: a trained "
+                        "retrieval model is read instead; drop --checkpoint and use --weights FILE or the "
+                        "training flags, or add --untrained to use --checkpoint's encoder as it is")
     return args
+
+
+def load(args, device):
+    """The descriptor model in eval mode on ``device``: the trained one (``--weights`` or the one
+    the flags name under ``--train-dataset``), or with ``--untrained`` the encoder as built by
+    ``--pretraining`` (the same random init as train_retrieval.py). Eval ``--compile`` compiles
+    its ``embed`` (descriptors come from it, not from ``forward``)."""
+    torch.manual_seed(args.seed)
+    if args.untrained:
+        model = R.build_model(cli.encoder(args, img_size=args.image_size), **cli.model_kwargs(R.build_model, args))
+        model = prepare_for_eval(model, device)
+    else:
+        # --dataset is what to evaluate on; --train-dataset names the checkpoint
+        state, path = cli.finetuned(args, cli.model_flags(R.build_model), dataset=args.train_dataset,
+                                    data_flags=("image_size",))
+        model = cli.finetuned_model(args, R.build_model, state, path, device, dict(img_size=args.image_size),
+                                    compile=False, pretrained=False)
+    if getattr(args, "compile", False):
+        model.embed = compile_model(model.embed, device)
+    return model
 
 
 def model_name(args):
@@ -46,7 +76,12 @@ def model_name(args):
         return f"{args.arch}-{args.pretraining}{'_' + args.ss_framework if args.ss_framework else ''}_untrained"
     if args.weights:
         return os.path.splitext(os.path.basename(args.weights))[0]
-    return cli.run_name(argparse.Namespace(**{**vars(args), "dataset": args.train_dataset}))
+    return cli.run_name(args, args.train_dataset)
+
+
+def postprocess(args, model, device):
+    """``--postprocess`` / ``--hash`` (shared with predict_retrieval.py)."""
+    return cli.call(R.make_postprocess, args, model=model, device=device, amp=not args.no_amp)
 
 
 def save_predictions(path, rows):
@@ -65,7 +100,7 @@ def eval_copy_detection(args, model, device):
     twin = twin_set(root, args.skip_bad_files)
     metrics, (q, r, s, rank) = R.copy_detection_eval(
         model, twin, image_size=args.image_size, batch_size=args.batch_size, device=device, k=args.k,
-        workers=args.workers, use_head=args.use_head, postprocess=R.make_postprocess(args, model, device),
+        workers=args.workers, use_head=args.use_head, postprocess=postprocess(args, model, device),
         index_kind=args.index, nprobe=args.nprobe, amp=not args.no_amp)
     if args.print_list:
         top1 = {qq: rr for qq, rr, kk in zip(q, r, rank) if kk == 0}
@@ -85,7 +120,7 @@ def eval_class_retrieval(args, model, device):
               use_head=args.use_head, amp=not args.no_amp)
     g = R.extract_descriptors(model, [s["image"] for s in gallery], **kw)
     qd = R.extract_descriptors(model, [s["image"] for s in queries], **kw)
-    post = R.make_postprocess(args, model, device)
+    post = postprocess(args, model, device)
     if post is not None:
         if post.needs_fit:
             post.fit(g)
@@ -93,7 +128,7 @@ def eval_class_retrieval(args, model, device):
     g_labels = np.array([s["label"] for s in gallery])
     q_labels = np.array([s["label"] for s in queries])
     k = min(args.k, len(gallery))
-    index = R.DescriptorIndex(g.shape[1], args.index, nprobe=args.nprobe,
+    index = DescriptorIndex(g.shape[1], args.index, nprobe=args.nprobe,
                               device="cpu" if device.type == "cpu" else "auto")
     index.add(g, names=[os.path.relpath(s["image"], root) for s in gallery], labels=g_labels)
     scores, ids = index.search(qd, k)
@@ -116,14 +151,14 @@ def eval_class_retrieval(args, model, device):
 
 def main(args):
     device = dist.resolve_device(args.device)
-    model = R.load_model(args, device)
+    model = load(args, device)
     if args.dataset == "PolypTwin":
         metrics = eval_copy_detection(args, model, device)
         title = "Copy-detection retrieval results"
     else:
         metrics = eval_class_retrieval(args, model, device)
         title = f"Class-based retrieval results ({args.dataset})"
-    cli.append_eval_results(title, model_name(args), metrics)
+    append_eval_results(title, model_name(args), metrics)
 
 
 if __name__ == "__main__":

@@ -5,29 +5,35 @@ Dice, IoU, precision and recall per image at the original resolution, averaged; 
 (the reference scored its precision 1); images with neither a polyp nor a prediction are
 counted apart. ``--print-list`` prints the per-image Dice as a Python list;
 ``--save-predictions DIR`` writes one 0/255 PNG mask per image (original size, by stem).
+The model is the checkpoint the flags name, as SSL4GIE, or ``--weights FILE`` alone:
 
     python eval_segmentation.py --architecture resnet18 --image-size 128 --print-list
+    python eval_segmentation.py --weights "Trained models/segmentation/<run name>.pth"
 """
 from gissl import cli, dist
 from gissl import segmentation as seg
+from gissl.data import build_segmentation_datasets
 from gissl.metrics import summarize_segmentation
+from gissl.report import append_eval_results, print_list
 
 
-def get_args():
+def get_args(argv=None):
     p = cli.task_parser("segmentation", "Evaluate fine-tuned segmentation model", stage="eval",
                         datasets=seg.DATASETS)
-    return cli.check_args(seg.add_arguments(p).parse_args())
+    return cli.parse(seg.add_arguments(p, "eval"), argv)
 
 
 def main(args):
     device = dist.resolve_device(args.device)
-    test = seg.datasets(args, original=True)["test"]
-    model = seg.load_model(args, device)
-    out = seg.evaluate(model, seg.loader(test, args, device), device, amp=not args.no_amp,
+    state, path = cli.finetuned(args, cli.model_flags(seg.build_model))
+    test = build_segmentation_datasets(args.dataset, cli.data_root(args), image_size=args.image_size,
+                                       original=True, skip_bad=args.skip_bad_files)["test"]
+    model = cli.finetuned_model(args, seg.build_model, state, path, device, dict(img_size=args.image_size))
+    out = seg.evaluate(model, cli.eval_loader(args, test, device), device, amp=not args.no_amp,
                        keep_masks=bool(args.save_predictions))
     if args.print_list:
-        seg.print_list(args, out["dice"].tolist())
-    cli.append_eval_results("Segmentation results", cli.run_name(args), summarize_segmentation(out))
+        print_list(cli.list_name(args), out["dice"].tolist())
+    append_eval_results("Segmentation results", cli.run_name(args), summarize_segmentation(out))
     if args.save_predictions:
         print(f"predicted masks: {seg.save_masks(args.save_predictions, out['paths'], out['masks'])}")
 

@@ -1,6 +1,6 @@
 """How good is a pretrained encoder without finetuning it? Probes on a frozen encoder.
 
-Protocols (other-methods.md §b.1, with the fixes of §b.4/§b.5):
+Protocols (docs/transfer-study.md §b.1, with the fixes of docs/transfer-study.md §b.4/§b.5):
   linear      multinomial logistic regression on the features, L2 strength chosen on val over
               45 log-spaced values, refit on train + val, scored on test
   knn         cosine kNN with temperature-weighted votes (k = 20, T = 0.07, as DINO)
@@ -19,35 +19,40 @@ import os
 import torch
 
 from gissl import cli, dist
-from gissl.classification import (build_datasets, check_args, dataset_paths, prediction_picture, task_parser,
-                                  to_display, write_predictions_csv)
+from gissl import classification as cls
+from gissl.classification import build_datasets, dataset_paths, prediction_picture, to_display, write_predictions_csv
 from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from gissl.engine import freeze
+from gissl.optim import freeze
 from gissl.errors import UserError
 from gissl.metrics import classification_metrics, format_per_class
+from gissl.report import append_eval_results
 from gissl import probes
 
 PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency")
 
 
-def get_args():
-    p = task_parser("eval", "Evaluate a frozen pretrained encoder with representation probes", task="transfer",
-                    default_batch_size=64)
-    p.set_defaults(encoder_checkpoint=True)  # the probed encoder is built from --checkpoint
-    p.add_argument("--protocol", default="linear", choices=PROTOCOLS)
+def get_args(argv=None):
+    # the probed encoder is built from --checkpoint; there is no finetuned model (no --weights)
+    p = cli.task_parser("transfer", "Evaluate a frozen pretrained encoder with representation probes", stage="eval",
+                        datasets=cls.CLASSIFICATION_DATASETS, default_batch_size=64, encoder_checkpoint=True,
+                        weights=False)
+    cls.add_arguments(p, "eval")
+    p.add_argument("--protocol", default="linear", choices=PROTOCOLS,
+                   help="linear probe, kNN, few-shot episodes, invariance to transforms, or occlusion saliency")
     p.add_argument("--no-cache", dest="no_cache", action="store_true", help="re-extract features")
     g = p.add_argument_group("linear")
     g.add_argument("--wd-values", dest="wd_values", type=int, default=45,
                    help="L2 strengths tried, log-spaced over 1e-6..1e5 (the reference's 45)")
     g = p.add_argument_group("knn")
-    g.add_argument("--knn-k", dest="knn_k", type=int, default=20)
-    g.add_argument("--temperature", type=float, default=0.07)
+    g.add_argument("--knn-k", dest="knn_k", type=int, default=20, help="neighbours that vote (DINO: 20)")
+    g.add_argument("--temperature", type=float, default=0.07,
+                   help="vote weight exp(cosine / T) (DINO: 0.07)")
     g = p.add_argument_group("fewshot")
-    g.add_argument("--n-way", dest="n_way", type=int, default=5)
+    g.add_argument("--n-way", dest="n_way", type=int, default=5, help="classes per episode")
     g.add_argument("--k-shot", dest="k_shot", type=int, default=5,
                    help="support images per class (the transfer study's paper runs used 20)")
-    g.add_argument("--n-query", dest="n_query", type=int, default=15)
-    g.add_argument("--episodes", type=int, default=600)
+    g.add_argument("--n-query", dest="n_query", type=int, default=15, help="query images per class and episode")
+    g.add_argument("--episodes", type=int, default=600, help="episodes averaged (mean and 95 %% interval)")
     g.add_argument("--distance", default="euclidean", choices=["euclidean", "cosine"],
                    help="prototype distance: squared Euclidean on raw features (ProtoNet) or cosine")
     g.add_argument("--fewshot-pool", dest="fewshot_pool", default="split", choices=["split", "pooled"],
@@ -65,10 +70,11 @@ def get_args():
     g.add_argument("--patch", type=int, default=10, help="occluding window side in pixels (reference 10)")
     g.add_argument("--stride", type=int, default=5,
                    help="window stride; the reference's 1 costs (size-9)² forward passes per image")
-    return check_transfer(check_args(p.parse_args()))
+    return check_transfer(cli.parse(p, argv))
 
 
 def check_transfer(args):
+    cls.check_dataset(args.dataset, args.data_root)
     if args.pretraining in ("Hyperkvasir", "ImageNet_self") and not (args.ss_framework and args.checkpoint):
         raise UserError(f"--pretraining {args.pretraining} needs --ss-framework and --checkpoint PATH")
     args.frozen = True  # the name says so: '...init-frozen_True-dataset_...'
@@ -77,9 +83,7 @@ def check_transfer(args):
 
 def build_frozen_encoder(args, device):
     """The pretrained encoder, frozen and in eval mode."""
-    from gissl.models import build_encoder
-    enc = build_encoder(args.arch, args.pretraining, args.ss_framework, args.checkpoint, img_size=args.image_size)
-    return freeze(enc).to(device).eval()
+    return freeze(cli.encoder(args, img_size=args.image_size)).to(device).eval()
 
 
 def features(args, encoder, datasets, root, device):
@@ -163,7 +167,7 @@ def main(args, encoder=None):
         res["Images"] = len(pick)
     elif proto == "saliency":
         test = ds["test"]
-        idx = getattr(args, "idx_list", None) or [0]
+        idx = cli.positions(args) or [0]
         bad = [i for i in idx if not 0 <= i < len(test)]
         if bad:
             raise UserError(f"--idx {bad} out of range: the test split has {len(test)} images")
@@ -180,7 +184,7 @@ def main(args, encoder=None):
             print(f"{test.samples[i]['image']}\n  -> {path}")
         res = {"Attentive diffusion (%)": sum(diffusion) / len(diffusion), "Images": len(idx),
                "Occlusion": f"{args.patch}x{args.patch} patch, stride {args.stride}"}
-    cli.append_eval_results(title, name, res)
+    append_eval_results(title, name, res)
     if args.save_predictions and proto in ("linear", "knn"):
         write_predictions_csv(args.save_predictions, dataset_paths(ds["test"]), f["test"]["labels"], probs)
         print(f"predictions: {args.save_predictions}")

@@ -8,44 +8,28 @@ decision rests on (Grad-CAM for ResNets, occlusion of 16-px patches for ViTs), s
     python predict_classification.py --architecture resnet18 --dataset Hyperkvasir_anatomical \
         --image-size 64 --idx 0,5
 """
-from pathlib import Path
 
-import torch
-
+from eval_classification import load
 from gissl import cli, dist
-from gissl.classification import (check_args, explanation, load_finetuned, prediction_picture, task_parser,
-                                  to_display)
-from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from gissl.errors import UserError
+from gissl import classification as cls
+from gissl.pictures import picture_label
 
 
-def get_args():
-    return check_args(task_parser("predict", "Make predictions with fine-tuned classification model").parse_args())
+def get_args(argv=None):
+    p = cli.task_parser("classification", "Make predictions with fine-tuned classification model",
+                        stage="predict", datasets=cls.CLASSIFICATION_DATASETS)
+    args = cli.parse(cls.add_arguments(p, "predict"), argv)
+    cls.check_dataset(args.dataset, args.data_root)
+    return args
 
 
 def main(args):
     device = dist.resolve_device(args.device)
-    ds, classes, model = load_finetuned(args, device)
-    test = ds["test"]
-    idx = getattr(args, "idx_list", None) or list(range(len(test)))
-    bad = [i for i in idx if not 0 <= i < len(test)]
-    if bad:
-        raise UserError(f"--idx {bad} out of range: the test split has {len(test)} images (0..{len(test) - 1})")
-    label = cli.run_name(args).rsplit("-dataset_", 1)[0]
-    folder = cli.predictions_dir(args)
-    for i in idx:
-        sample = test[i]
-        image = sample["image"].to(device)
-        with torch.inference_mode():
-            probs = torch.softmax(model(image[None]).float(), 1)[0].cpu()
-        top = probs.topk(min(3, len(classes)))
-        heat = explanation(model, image, int(top.indices[0])).cpu()
-        path = test.samples[i]["image"]
-        print(path)
-        out = prediction_picture(to_display(image, IMAGENET_MEAN, IMAGENET_STD), heat,
-                                 [(classes[c], float(p)) for p, c in zip(top.values, top.indices)],
-                                 classes[int(sample["label"])], folder / f"test{i}_{label}.png", title=Path(path).name)
-        print(f"  -> {out}")
+    ds, classes, model = load(args, device)
+    for image, picture in cls.render_predictions(model, ds["test"], classes, device, folder=cli.predictions_dir(args),
+                                                 label=picture_label(cli.run_name(args)),
+                                                 positions=cli.positions(args)):
+        print(f"{image} -> {picture}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,28 @@ test images and of the pictures are printed.
 
     python predict_detection.py --architecture resnet18 --image-size 256 --idx 0,3
 """
+from eval_detection import get_args as eval_get_args
+from eval_detection import load
 from gissl import cli, dist
 from gissl import detection as det
+from gissl.pictures import picture_label
+
+
+def get_args(argv=None):
+    return eval_get_args(argv, stage="predict")
 
 
 def main(args):
     device = dist.resolve_device(args.device)
-    test = det.build_datasets(args)["test"]
-    model = det.load_model(args, device)
-    for image, picture in det.render_predictions(args, model, test, device):
+    ds, model = load(args, device)
+    loader_kwargs = dict(architecture=args.arch, image_size=args.image_size, batch_size=args.batch_size,
+                         workers=args.workers)
+    for image, picture in det.render_predictions(model, ds["test"], device, folder=cli.predictions_dir(args),
+                                                 label=picture_label(cli.run_name(args)),
+                                                 loader_kwargs=loader_kwargs, positions=cli.positions(args),
+                                                 threshold=args.threshold):
         print(f"{image} -> {picture}", flush=True)
 
 
 if __name__ == "__main__":
-    cli.run(main, lambda: det.parse_args("predict"))
+    cli.run(main, get_args)

@@ -2,7 +2,7 @@
 
 For every ``--query`` image: a picture ``Predictions/retrieval-<gallery>/<query>.png`` with the
 query and its k nearest gallery images, each captioned with its label and cosine similarity,
-and the neighbour vote ("7 of 10 nearest cases were polyps", EndoFinder §4), plus a JSON file
+and the neighbour vote ("7 of 10 nearest cases were polyps", docs/endofinder.md §4), plus a JSON file
 with the same content. ``--gallery`` is a folder (``<class>/<images>`` sub-folders give labels;
 a flat folder gives unlabelled cases) or an index saved with ``--save-index``. Without
 ``--gallery`` / ``--query`` the built-in synthetic Hyperkvasir_pathological set is used
@@ -15,7 +15,6 @@ ImageNet mean / std -> L2-normalised descriptors) that needs neither gissl nor t
     python predict_retrieval.py --query new.jpg --gallery cases/ --save-index cases.npz
     python predict_retrieval.py --query new.jpg --gallery cases.npz
 """
-import argparse
 import json
 import os
 
@@ -23,18 +22,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from eval_retrieval import check, load, postprocess
 from gissl import cli, dist
 from gissl import retrieval as R
+from gissl.search import DescriptorIndex
 from gissl.data import class_folder, image_folder
 from gissl.data.images import open_rgb
 from gissl.errors import DataError, UserError
 
 
-def get_args():
+def get_args(argv=None):
     p = cli.task_parser("retrieval", "Retrieve the nearest past cases of polyp images", stage="predict",
-                        default_batch_size=32, default_arch="vit_b")
-    R.add_model_arguments(p)
-    R.add_inference_arguments(p)
+                        default_batch_size=32, default_arch="vit_b", encoder_checkpoint=True)
+    R.add_arguments(p, "predict")
     p.add_argument("--query", nargs="+", default=None, help="query image file(s)")
     p.add_argument("--gallery", default=None,
                    help="folder of past cases (<class>/<images> for labels) or a saved index (.npz)")
@@ -44,10 +44,7 @@ def get_args():
                    help="weigh each neighbour's vote by its similarity")
     p.add_argument("--export-torchscript", dest="export_torchscript", default=None, metavar="PATH",
                    help="write the descriptor model as TorchScript to PATH and exit")
-    args = cli.check_args(p.parse_args())
-    if args.k < 1:
-        raise UserError("--k must be at least 1")
-    return args
+    return check(cli.parse(p, argv))
 
 
 def gallery_samples(args):
@@ -74,17 +71,17 @@ def gallery_samples(args):
 
 def build_gallery(args, model, device):
     if args.gallery and args.gallery.endswith(".npz"):
-        index = R.DescriptorIndex.load(args.gallery, device="cpu" if device.type == "cpu" else "auto")
+        index = DescriptorIndex.load(args.gallery, device="cpu" if device.type == "cpu" else "auto")
         return index, os.path.splitext(os.path.basename(args.gallery))[0]
     paths, labels, classes, root, name = gallery_samples(args)
     desc = R.extract_descriptors(model, paths, image_size=args.image_size, batch_size=args.batch_size,
                                  device=device, workers=args.workers, use_head=args.use_head, amp=not args.no_amp)
-    post = R.make_postprocess(args, model, device)
+    post = postprocess(args, model, device)
     if post is not None:
         if post.needs_fit:
             post.fit(desc)
         desc = post(desc)
-    index = R.DescriptorIndex(desc.shape[1], args.index, nprobe=args.nprobe,
+    index = DescriptorIndex(desc.shape[1], args.index, nprobe=args.nprobe,
                               device="cpu" if device.type == "cpu" else "auto")
     index.transform, index.label_names = post, classes
     # names keep the full path so the picture can show the neighbour images
@@ -120,7 +117,7 @@ def render(result, out_png, size=160):
 
 def main(args):
     device = dist.resolve_device(args.device)
-    model = R.load_model(args, device)
+    model = load(args, device)
     if args.export_torchscript:
         example = torch.zeros(1, 3, args.image_size, args.image_size, device=device)
         with torch.no_grad():
@@ -146,7 +143,7 @@ def main(args):
     classes = index.label_names
     preds, shares = R.neighbour_vote(neighbour_labels, scores, len(classes) if classes else None,
                                      weighted=args.weighted_vote)
-    out_dir = cli.predictions_dir(argparse.Namespace(**{**vars(args), "dataset": name}))
+    out_dir = cli.predictions_dir(args, name)
     os.makedirs(out_dir, exist_ok=True)
     for i, path in enumerate(args.query):
         name_of = (lambda c: classes[c] if classes and c >= 0 else None)

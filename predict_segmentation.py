@@ -9,19 +9,25 @@ test images and of the pictures are printed.
 """
 from gissl import cli, dist
 from gissl import segmentation as seg
+from gissl.data import build_segmentation_datasets
+from gissl.pictures import picture_label
 
 
-def get_args():
+def get_args(argv=None):
     p = cli.task_parser("segmentation", "Make predictions with fine-tuned segmentation model",
                         stage="predict", datasets=seg.DATASETS)
-    return cli.check_args(seg.add_arguments(p).parse_args())
+    return cli.parse(seg.add_arguments(p, "predict"), argv)
 
 
 def main(args):
     device = dist.resolve_device(args.device)
-    test = seg.datasets(args, original=True)["test"]
-    model = seg.load_model(args, device)
-    for image, picture in seg.render_predictions(args, model, test, device, amp=not args.no_amp):
+    state, path = cli.finetuned(args, cli.model_flags(seg.build_model))
+    test = build_segmentation_datasets(args.dataset, cli.data_root(args), image_size=args.image_size,
+                                       original=True, skip_bad=args.skip_bad_files)["test"]
+    model = cli.finetuned_model(args, seg.build_model, state, path, device, dict(img_size=args.image_size))
+    for image, picture in seg.render_predictions(model, test, device, folder=cli.predictions_dir(args),
+                                                 label=picture_label(cli.run_name(args)),
+                                                 positions=cli.positions(args), amp=not args.no_amp):
         print(f"{image} -> {picture}", flush=True)
 
 

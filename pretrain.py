@@ -24,7 +24,8 @@ import torch
 from gissl import cli, dist
 from gissl.checkpoint import save_atomic
 from gissl.data import build_unlabelled_dataset
-from gissl.engine import build_optimizer, fit, make_loader
+from gissl.engine import fit
+from gissl.optim import build_optimizer
 from gissl.errors import UserError
 from gissl.models import build_encoder, vit_num_heads
 from gissl.ssl import VIEWS, build_ssl_model, cosine_momentum, export_encoder, recipe, warmup_cosine
@@ -32,14 +33,14 @@ from gissl.ssl import VIEWS, build_ssl_model, cosine_momentum, export_encoder, r
 DATASETS = ("Hyperkvasir_unlabelled", "folder")
 
 
-def get_args():
+def get_args(argv=None):
     p = cli.task_parser("pretraining", "Self-supervised pretraining of an encoder on unlabelled images",
                         stage="train", datasets=DATASETS, default_epochs=100, default_batch_size=256,
-                        default_lr=None)
+                        default_lr=None, default_output_dir="pretrained")
     p.set_defaults(weight_decay=None)  # the framework's recipe value unless given
     g = p.add_argument_group("pretraining (defaults: each paper's recipe, see README)")
     g.add_argument("--blr", type=float, default=None,
-                   help="base learning rate per 256 images; lr = blr * batch * accum / 256 (MoCo v3: "
+                   help="base learning rate per 256 images; lr = blr * batch / 256 (MoCo v3: "
                         "0.3 ResNet / 1.5e-4 ViT; Barlow Twins 0.2; MAE 1.5e-4; SimSiam/FPSiam 0.05). "
                         "--learning-rate, when given, sets the absolute lr instead")
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=None,
@@ -72,7 +73,7 @@ def get_args():
     g.add_argument("--decoder-heads", dest="decoder_heads", type=int, default=16, help="MAE")
     g.add_argument("--fpsiam-lambda", dest="fpsiam_lambda", type=float, default=0.5,
                    help="FPSiam weight of the local (P2) loss; the global (P5) loss gets 1 - lambda")
-    return check(cli.check_args(p.parse_args()))
+    return check(cli.parse(p, argv))
 
 
 def check(args):
@@ -160,14 +161,13 @@ def main(args):
     views = VIEWS[args.ss_framework](args.image_size, color=args.color_strength)
     dataset = build_unlabelled_dataset(root, transform=views, decode_size=args.decode_size or 2 * args.image_size,
                                        skip_bad=args.skip_bad_files)
-    per_rank = min(args.batch_size, len(dataset)) // dist.get_world_size()
+    per_rank = min(cli.forward_batch(args), len(dataset)) // dist.get_world_size()
     if args.ss_framework != "mae" and per_rank < 2:
         raise UserError(f"{args.ss_framework} needs at least 2 images per process per step (its BatchNorm "
                         f"heads and batch statistics); raise --batch-size (now {args.batch_size})")
-    loader = make_loader(dataset, batch_size=args.batch_size, train=True, workers=args.workers,
-                         seed=args.seed, device=device)
+    loader = cli.train_loader(args, dataset, device)
     model = build_model(args, device)
-    eff_batch = args.batch_size * args.accum_iter
+    eff_batch = args.batch_size  # images per optimizer step
     lr = args.learning_rate if args.learning_rate is not None else \
         (args.blr if args.blr is not None else r["blr"]) * eff_batch / 256
     optimizer = build_optimizer_for(model, args, r, lr)
@@ -180,7 +180,7 @@ def main(args):
         def after_step(bare, step):
             bare.update_momentum(cosine_momentum(args.moco_momentum, step, total_steps))
 
-    run_dir = os.path.join(args.output_dir or "pretrained", f"{args.arch}-{args.ss_framework}-{args.dataset}")
+    run_dir = os.path.join(args.output_dir, f"{args.arch}-{args.ss_framework}-{args.dataset}")
     if dist.is_main_process():
         n_train = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         print(f"{args.ss_framework} on {args.arch}: {len(dataset)} images, {len(loader)} steps/epoch, "
@@ -188,9 +188,8 @@ def main(args):
               f"{warmup:.3g} warm-up epochs, cosine), {n_train / 1e6:.2f}M trained parameters; "
               f"writing {run_dir}", flush=True)
     result = fit(model, train_loader=loader, compute_losses=lambda m, views: m(*views), optimizer=optimizer,
-                 device=device, run_dir=run_dir, run_name="checkpoint", args=args, epochs=args.epochs,
-                 accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp,
-                 lr_schedule=lr_schedule, after_step=after_step)
+                 device=device, run=cli.run_files(args, run_dir, "checkpoint"), epochs=args.epochs,
+                 options=cli.fit_options(args, lr_schedule=lr_schedule, after_step=after_step))
     if dist.is_main_process():
         encoder_path = os.path.join(run_dir, "encoder.pth")
         save_atomic(export_encoder(model.state_dict()), encoder_path)

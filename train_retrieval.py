@@ -1,6 +1,6 @@
 """Train a polyp-retrieval descriptor (EndoFinder, MICCAI 2024, on SSCD's loss).
 
-Loss (endofinder.md §1.4-1.5): SSCD InfoNCE over the two augmented views of every image
+Loss (docs/endofinder.md §1.4-1.5): SSCD InfoNCE over the two augmented views of every image
 (temperature 0.05, negatives gathered from every rank) + ``--entropy-weight`` x KoLeo
 (EndoFinder 5, SSCD 30) + ``--mse-weight`` x the ViT's masked-patch reconstruction, where the
 masking keeps every patch that touches the polyp mask visible (random masking for images
@@ -16,17 +16,17 @@ import torch
 
 from gissl import cli, dist
 from gissl import retrieval as R
-from gissl.engine import build_optimizer, fit, make_loader
 from gissl.losses import koleo, sscd_infonce
+from gissl.optim import build_optimizer
 from gissl.retrieval_data import TRAIN_DATASETS, TwoViewDataset, synthetic_twin_root, training_samples, twin_set
 from gissl.ssl.schedule import warmup_cosine
 
 
-def get_args():
+def get_args(argv=None):
     p = cli.task_parser("retrieval", "Train a polyp-retrieval descriptor (EndoFinder / SSCD)", stage="train",
                         datasets=TRAIN_DATASETS, default_epochs=100, default_batch_size=32,
                         default_lr=None, default_arch="vit_b")
-    R.add_model_arguments(p)
+    R.add_arguments(p, "train")
     g = p.add_argument_group("retrieval loss")
     g.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature (SSCD / EndoFinder 0.05)")
     g.add_argument("--entropy-weight", dest="entropy_weight", type=float, default=5.0,
@@ -48,7 +48,7 @@ def get_args():
                    help="Polyp-Twin layout (val_query/, val_ref/, val_groundtruth_matches.csv) for the "
                         "per-epoch micro-AP; default: the built-in synthetic query/reference set")
     p.set_defaults(weight_decay=0.05)
-    return cli.check_args(p.parse_args())
+    return cli.parse(p, argv)
 
 
 def compute_losses(model, batch, *, temperature, entropy_weight, mse_weight, mixup_prob):
@@ -77,17 +77,16 @@ def main(args):
     train_set = TwoViewDataset(samples, args.image_size, args.min_scale, args.aug_strength)
     twin = twin_set(args.val_root or synthetic_twin_root(), args.skip_bad_files)
     torch.manual_seed(args.seed)  # eval_retrieval.py --untrained rebuilds this exact init
-    model = R.build_model(args, cli.encoder_from_args(args, img_size=args.image_size)).to(device)
-    # EndoFinder: absolute lr = 1e-3 x effective batch / 256, AdamW betas (0.9, 0.95), wd 0.05
-    lr = args.learning_rate or 1e-3 * args.batch_size * args.accum_iter / 256
+    model = R.build_model(cli.encoder(args, img_size=args.image_size),
+                          **cli.model_kwargs(R.build_model, args)).to(device)
+    # EndoFinder: absolute lr = 1e-3 x batch per optimizer step / 256, AdamW betas (0.9, 0.95), wd 0.05
+    lr = args.learning_rate or 1e-3 * args.batch_size / 256
     optimizer = build_optimizer(model, lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     if dist.is_main_process():
         print(f"{args.dataset}: {len(train_set)} training images "
               f"({sum(bool(s.get('mask')) for s in samples)} with polyp masks), {args.image_size} px; "
               f"validation: {len(twin['queries'])} queries / {len(twin['references'])} references; lr {lr:g}",
               flush=True)
-    loader = make_loader(train_set, batch_size=args.batch_size, train=True, workers=args.workers,
-                         seed=args.seed, device=device)
 
     def validate(bare):
         metrics, _ = R.copy_detection_eval(bare, twin, image_size=args.image_size, batch_size=args.batch_size,
@@ -100,12 +99,9 @@ def main(args):
         return compute_losses(m, batch, temperature=args.temperature, entropy_weight=args.entropy_weight,
                               mse_weight=args.mse_weight, mixup_prob=args.mixup_prob)
 
-    result = fit(model, train_loader=loader, compute_losses=losses, optimizer=optimizer, device=device,
-                 run_dir=cli.output_dir(args), run_name=cli.run_name(args), args=args, epochs=args.epochs,
-                 validate=validate, metric_mode="max",
-                 lr_schedule=warmup_cosine(lr, args.epochs, min(args.warmup_epochs, args.epochs / 2)),
-                 accum_iter=args.accum_iter, clip_grad=args.clip_grad, amp=not args.no_amp,
-                 frozen=[model.encoder] if args.frozen else [])
+    result = cli.train(args, model, train_set, losses, device=device, validate=validate, metric_mode="max",
+                       metric_name="uAP", frozen=[model.encoder], optimizer=optimizer,
+                       lr_schedule=warmup_cosine(lr, args.epochs, min(args.warmup_epochs, args.epochs / 2)))
     if dist.is_main_process():
         print(f"best validation uAP {result['best_metric']:.4f} at epoch {result['best_epoch']}; "
               f"model saved to {result['best_path']}", flush=True)

@@ -1,8 +1,8 @@
 """Image classification: encoder + linear head, and what train / eval / predict share.
 
-SSL4GIE's classification task (ssl4gie.md §2.2, §4.2, §5.1) with its bugs fixed: class
-weights come from the training split only (§8 item 11), and the scores are
-:func:`gissl.metrics.classification_metrics` (no ε/ε = 1, §8 item 10).
+SSL4GIE's classification task (docs/ssl4gie.md §2.2, §4.2, §5.1) with its bugs fixed: class
+weights come from the training split only (docs/ssl4gie.md §8 item 11), and the scores are
+:func:`gissl.metrics.classification_metrics` (no ε/ε = 1, docs/ssl4gie.md §8 item 10).
 """
 import csv
 import os
@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from gissl.engine import autocast
 from gissl.errors import UserError
+from gissl.pictures import heat_colours, text_font
 from gissl.probes import occlusion_map
 
 CLASSIFICATION_DATASETS = ("Hyperkvasir_anatomical", "Hyperkvasir_pathological", "folder")
@@ -71,8 +72,8 @@ def build_datasets(dataset, root, *, image_size=224, split="random", seed=42, sk
 
 def class_weights(labels, num_classes):
     """Cross-entropy class weights `(C,)` from the **training** labels `(N,)`:
-    ``w_c = N / (C · N_c)`` (the reference's formula, ssl4gie.md §2.2, which used the whole
-    dataset instead, §8 item 11). A class with no training sample gets weight 0: it never
+    ``w_c = N / (C · N_c)`` (the reference's formula, docs/ssl4gie.md §2.2, which used the whole
+    dataset instead, docs/ssl4gie.md §8 item 11). A class with no training sample gets weight 0: it never
     appears as a target, so its weight never enters the loss."""
     counts = torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).double()
     w = counts.sum() / (num_classes * counts.clamp(min=1))
@@ -97,7 +98,7 @@ def predict(model, loader, device, amp=False):
     on the CPU, in loader order.
     """
     model.eval()
-    from gissl.engine import move_to
+    from gissl.loaders import move_to
     probs, targets, indices = [], [], []
     for batch in loader:
         batch = move_to(batch, device)
@@ -112,7 +113,7 @@ def predict(model, loader, device, amp=False):
 
 def make_validate(loader, device, amp=True):
     """``validate(model) -> macro F1`` on ``loader`` (classes present there): the reference's
-    model-selection metric (ssl4gie.md §4.2), defined without its smoothing; under autocast
+    model-selection metric (docs/ssl4gie.md §4.2), defined without its smoothing; under autocast
     unless ``amp`` is False (``--no-amp``), as training and evaluation."""
     from gissl.metrics import classification_metrics
 
@@ -170,23 +171,6 @@ def explanation(model, image, class_idx):
 
 # --------------------------------------------------------------------------- pictures
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def heat_colours(heat):
-    """`(H, W)` values -> `(H, W, 3)` uint8 blue→red ("jet"-like), scaled to the map's range."""
-    heat = torch.as_tensor(heat, dtype=torch.float32)
-    span = heat.max() - heat.min()
-    # a flat map (e.g. Grad-CAM on a 1×1 last stage) is shown flat, not as amplified noise
-    v = (heat - heat.min()) / span if span > 1e-6 * heat.abs().max().clamp(min=1e-12) else torch.zeros_like(heat)
-    rgb = torch.stack([(1.5 - (4 * v - 3).abs()), (1.5 - (4 * v - 2).abs()), (1.5 - (4 * v - 1).abs())], -1)
-    return (rgb.clamp(0, 1) * 255).to(torch.uint8).numpy()
-
-
 def to_display(image, mean, std):
     """Normalised `(3, H, W)` -> `(H, W, 3)` uint8 RGB."""
     m = torch.tensor(mean).view(3, 1, 1)
@@ -204,7 +188,7 @@ def prediction_picture(rgb, heat, top, true_name, path, title=""):
     scale = max(1, 256 // max(h, w))  # small inputs are enlarged so the text fits
     img = Image.fromarray(rgb).resize((w * scale, h * scale), Image.NEAREST)
     overlay = Image.blend(img, Image.fromarray(heat_colours(heat)).resize(img.size, Image.BILINEAR), 0.45)
-    font = _font(14)
+    font = text_font(14)
     black, green, red = (0, 0, 0), (0, 120, 0), (180, 0, 0)
     lines = ([(title, black)] if title else []) + [(f"true: {true_name}", black)] + \
             [(f"{i + 1}. {name}  {p:.3f}", green if name == true_name else (red if i == 0 else black))
@@ -227,17 +211,17 @@ def confusion_png(cm, class_names, path, title="confusion matrix (rows: true, co
     n = cm.shape[0]
     rates = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
     cell = max(28, min(60, 600 // max(n, 1)))
-    font = _font(max(9, cell // 3))
+    font = text_font(max(9, cell // 3))
     label_w = 8 + 7 * max(len(f"{i} {c}") for i, c in enumerate(class_names))
     top_pad = 30
-    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=_font(12))) + 16
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=text_font(12))) + 16
     size = (max(title_w, label_w + n * cell + 10), top_pad + n * cell + 24)
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((8, 8), title, fill=(0, 0, 0), font=_font(12))
+    draw.text((8, 8), title, fill=(0, 0, 0), font=text_font(12))
     for i in range(n):
-        draw.text((4, top_pad + i * cell + cell // 3), f"{i} {class_names[i]}", fill=(0, 0, 0), font=_font(11))
-        draw.text((label_w + i * cell + cell // 3, top_pad + n * cell + 4), str(i), fill=(0, 0, 0), font=_font(11))
+        draw.text((4, top_pad + i * cell + cell // 3), f"{i} {class_names[i]}", fill=(0, 0, 0), font=text_font(11))
+        draw.text((label_w + i * cell + cell // 3, top_pad + n * cell + 4), str(i), fill=(0, 0, 0), font=text_font(11))
         for j in range(n):
             shade = int(255 - 200 * float(rates[i, j]))
             x0, y0 = label_w + j * cell, top_pad + i * cell
@@ -256,31 +240,42 @@ def dataset_paths(dataset):
 
 # --------------------------------------------------------------------------- scripts
 
-def task_parser(stage, description, task="classification", **kwargs):
-    """``gissl.cli.task_parser`` with the classification datasets and ``--split``."""
-    from gissl import cli
-    p = cli.task_parser(task, description, stage=stage, datasets=CLASSIFICATION_DATASETS, **kwargs)
-    p.add_argument("--split", default="random", choices=["random", "stratified"],
-                   help="random = SSL4GIE's unstratified 80/10/10 split (rare classes may miss val/test); "
-                        "stratified = 80/10/10 within each class")
-    return p
+def add_arguments(parser, stage):
+    """Classification flags: ``--split`` (every stage: the test split must be the training run's)."""
+    parser.add_argument("--split", default="random", choices=["random", "stratified"],
+                        help="random = SSL4GIE's unstratified 80/10/10 split (rare classes may miss val/test); "
+                             "stratified = 80/10/10 within each class")
+    return parser
 
 
-def check_args(args):
-    """``gissl.cli.check_args`` plus: ``--dataset folder`` needs ``--data-root``."""
-    from gissl import cli
-    cli.check_args(args)
-    if args.dataset == "folder" and not args.data_root:
+def check_dataset(dataset, data_root):
+    """``--dataset folder`` needs ``--data-root`` (there is no built-in class folder)."""
+    if dataset == "folder" and not data_root:
         raise UserError("--dataset folder needs --data-root DIR holding one sub-folder per class")
-    return args
 
 
-def load_finetuned(args, device):
-    """Datasets, class names and the finetuned :class:`Classifier` of this run (eval mode)."""
-    from gissl import cli
-    ds, classes = build_datasets(args.dataset, cli.data_root(args), image_size=args.image_size, split=args.split,
-                                 skip_bad=args.skip_bad_files)
-    model = Classifier(cli.encoder_from_args(args, img_size=args.image_size), len(classes))
-    cli.load_trained(model, args)
-    from gissl.engine import prepare_for_eval
-    return ds, classes, prepare_for_eval(model, device, getattr(args, "compile", False))
+def build_model(encoder, *, num_classes):
+    """:class:`Classifier`: ``encoder`` + a linear head over ``num_classes`` classes."""
+    return Classifier(encoder, num_classes)
+
+
+def render_predictions(model, dataset, classes, device, *, folder, label, positions=None):
+    """One :func:`prediction_picture` per test image at ``positions`` (default all), saved as
+    ``<folder>/test{i}_{label}.png``. Returns the list of (image path, picture path)."""
+    from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from gissl.pictures import select_positions
+    written = []
+    for i in select_positions(positions, len(dataset)):
+        sample = dataset[i]
+        image = sample["image"].to(device)
+        with torch.inference_mode():
+            probs = torch.softmax(model(image[None]).float(), 1)[0].cpu()
+        top = probs.topk(min(3, len(classes)))
+        heat = explanation(model, image, int(top.indices[0])).cpu()
+        path = dataset.samples[i]["image"]
+        out = prediction_picture(to_display(image, IMAGENET_MEAN, IMAGENET_STD), heat,
+                                 [(classes[c], float(p)) for p, c in zip(top.values, top.indices)],
+                                 classes[int(sample["label"])], Path(folder) / f"test{i}_{label}.png",
+                                 title=Path(path).name)
+        written.append((os.fspath(path), os.fspath(out)))
+    return written

@@ -4,9 +4,9 @@ Model: encoder + DPT decoder with an unbounded (``--depth-output linear``, defau
 SSL4GIE, a sigmoid depth head (``gissl.models.dpt.DepthHead`` says why the sigmoid collapses),
 trained on targets in the reference's unit where 1.0 = 100 mm (C3VD stores 0-100 mm as
 0-65535; the reference divided by 65535). Loss: MiDaS scale-and-shift-invariant loss with multi-scale gradient matching,
-α = 0.1 (§4.3), on targets in that unit, so α weighs the two terms as in the reference.
+α = 0.1 (docs/ssl4gie.md §4.3), on targets in that unit, so α weighs the two terms as in the reference.
 
-Evaluation (§5.4), per frame: align the prediction to the ground truth on the network's
+Evaluation (docs/ssl4gie.md §5.4), per frame: align the prediction to the ground truth on the network's
 square grid (least-squares scale and shift by default; ``median`` scaling or ``none`` = the raw
 output read as metric depth), map it back to the original frame (undo the square padding),
 clamp to the valid range [0, 100] mm, and measure over valid pixels (ground truth > 0) in
@@ -22,37 +22,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from gissl import cli, dist
+from gissl import dense, dist
 from gissl.data.transforms import from_square
 from gissl.errors import UserError
-from gissl.engine import prepare_for_eval
 from gissl.losses import align_median, flat_predictions, masked_mse, scale_shift_aligned, scale_shift_invariant
 from gissl.metrics import depth_errors
 from gissl.models.dpt import DEPTH_OUTPUTS
-from gissl.segmentation import (add_dense_arguments, build_dpt_model, caption, hstack, loader, picture_label,
-                                predict_logits, selected_positions, text_font)
+from gissl.pictures import caption, colourize, hstack, save_picture, scale_bar, select_positions, with_bar
 
 DATASETS = ("C3VD",)
 # Weight of the unaligned MSE that holds the output's level and range (see compute_losses).
 ANCHOR_WEIGHT = 0.01
-DEPTH_UNIT_MM = 100.0   # model / loss unit: 1.0 = 100 mm (C3VD's full 16-bit range, ssl4gie.md §2.5)
+DEPTH_UNIT_MM = 100.0   # model / loss unit: 1.0 = 100 mm (C3VD's full 16-bit range, docs/ssl4gie.md §2.5)
 MAX_DEPTH_MM = 100.0    # predictions are clamped to C3VD's range, as the reference's clamp to [0, 1]
 ALIGNMENTS = ("scale-shift", "median", "none")
-# Error maps saturate here instead of wrapping around (ssl4gie.md §8 item 16); the reference's
+# Error maps saturate here instead of wrapping around (docs/ssl4gie.md §8 item 16); the reference's
 # picture scale was |error| × 3.5 in its unit, i.e. full scale at 100 / 3.5 ≈ 28.6 mm.
 ERROR_MAX_MM = DEPTH_UNIT_MM / 3.5
 
-# Colour map anchors (matplotlib's "magma" sampled at 0, 1/8, ..., 1), interpolated linearly.
-_MAGMA = np.array([(0, 0, 4), (28, 16, 68), (79, 18, 123), (129, 37, 129), (181, 54, 122),
-                   (229, 80, 100), (251, 135, 97), (254, 194, 135), (252, 253, 191)], np.float32)
+# Checkpoints whose stored settings predate --depth-output had SSL4GIE's sigmoid head.
+LEGACY_SETTINGS = {"depth_output": "sigmoid"}
 
 
-def add_arguments(parser):
-    """Depth-only flags."""
-    stage = parser.get_default("stage")
-    add_dense_arguments(parser)
+def add_arguments(parser, stage):
+    """Depth flags: the DPT width and head for every stage, the loss weights for training and
+    ``--alignment`` for evaluation."""
+    dense.add_arguments(parser, stage)
+    parser.add_argument("--depth-output", dest="depth_output", default="linear", choices=DEPTH_OUTPUTS,
+                        help="last layer of the depth head: linear (unbounded, as MiDaS; the aligned "
+                             "depth is clamped to 0-100 mm afterwards) or sigmoid (SSL4GIE; can "
+                             "saturate to a constant map at learning rates around 1e-3)" +
+                             ("" if stage == "train" else "; default: the checkpoint's"))
     if stage in ("eval", "predict"):
         parser.add_argument("--alignment", default="scale-shift", choices=ALIGNMENTS,
                             help="how a prediction is fitted to the ground truth before measuring: "
@@ -65,17 +67,13 @@ def add_arguments(parser):
                             help=f"weight of the unaligned MSE (model unit, 1 = 100 mm) added to the "
                                  f"scale-and-shift-invariant loss so that the output's level and range "
                                  f"cannot drift (default {ANCHOR_WEIGHT}; 0 = SSL4GIE's loss alone)")
-        parser.add_argument("--depth-output", dest="depth_output", default="linear", choices=DEPTH_OUTPUTS,
-                            help="last layer of the depth head: linear (unbounded, as MiDaS; the aligned "
-                                 "depth is clamped to 0-100 mm afterwards) or sigmoid (SSL4GIE; can "
-                                 "saturate to a constant map at learning rates around 1e-3). Eval and "
-                                 "predict read it from the checkpoint")
     return parser
 
 
-def build_depth_model(args, depth_output=None):
-    """Encoder + DPT with the depth head ``depth_output`` (default: ``--depth-output``, else linear)."""
-    return build_dpt_model(args, "depth", depth_output=depth_output or getattr(args, "depth_output", "linear"))
+def build_model(encoder, *, decoder_channels, depth_output="linear"):
+    """``encoder`` + DPT with a depth head (``linear`` or SSL4GIE's ``sigmoid``):
+    (N, 3, S, S) -> (N, 1, S, S) relative depth."""
+    return dense.build_dpt(encoder, "depth", decoder_channels=decoder_channels, depth_output=depth_output)
 
 
 def compute_losses(model, batch, alpha=0.1, anchor_weight=ANCHOR_WEIGHT):
@@ -96,7 +94,7 @@ def compute_losses(model, batch, alpha=0.1, anchor_weight=ANCHOR_WEIGHT):
 def align(pred, target_mm, alignment="scale-shift"):
     """Model output (N, 1, S, S) (relative depth) -> depth in mm fitted to ``target_mm`` (N, 1, S, S).
 
-    ``scale-shift``: least squares over valid pixels (SSL4GIE §5.4); ``median``: scale by the
+    ``scale-shift``: least squares over valid pixels (docs/ssl4gie.md §5.4); ``median``: scale by the
     ratio of medians; ``none``: the output read in the model unit (1 = 100 mm).
     """
     valid = target_mm > 0
@@ -126,10 +124,8 @@ def evaluate(model, loader, device, alignment="scale-shift", amp=True, keep_dept
     mm arrays) when ``keep_depth``. Every number is computed per frame, so the batch size
     changes none of them.
     """
-    model.eval()
     errors, paths, depths, constant = [], [], [], []
-    for batch in loader:
-        pred = predict_logits(model, batch["image"], device, amp).cpu()
+    for pred, batch in dense.batched_outputs(model, loader, device, amp):
         constant.append(flat_predictions(pred, batch["depth"] > 0))
         aligned = align(pred, batch["depth"], alignment)
         for p, gt, path in zip(aligned, batch["depth_orig"], batch["path"]):
@@ -157,9 +153,10 @@ def constant_warning(out, frames="frames"):
     if k == 0:
         return None
     return (f"warning: the depth model predicts a constant depth map for {k} of {n} {frames}: it has "
-            "collapsed (a constant map gets no gradient from the scale-and-shift-invariant loss) and "
-            "those frames score as the best constant depth. Train with --depth-output linear (the "
-            "default), a lower --learning-rate, or --cosine")
+            "collapsed (a constant map gets no gradient from the scale-and-shift-invariant loss), or in "
+            "the first epochs its BatchNorm statistics have not settled yet; those frames score as the "
+            "best constant depth. If it persists, train with --depth-output linear (the default), a lower "
+            "--learning-rate, or --cosine")
 
 
 def summarize(out, alignment):
@@ -187,24 +184,6 @@ def make_validate(loader, device, amp=True):
     return validate
 
 
-def datasets(args, original=False):
-    """dict(train=, val=, test=) of C3VD (built-in synthetic data without ``--data-root``)."""
-    from gissl.data import build_depth_datasets
-    return build_depth_datasets(cli.data_root(args), image_size=args.image_size, original=original,
-                                skip_bad=args.skip_bad_files)
-
-
-def load_model(args, device):
-    """The finetuned model of this run (``Trained models/depth/<name>.pth``), eval mode, with the
-    depth head it was trained with (checkpoints without ``depth_output`` predate the linear head:
-    sigmoid)."""
-    model = build_depth_model(args)
-    stored = cli.load_trained(model, args).get("args") or {}
-    # The head's parameters are the same for both outputs; only its last function differs.
-    model.head.output = stored.get("depth_output", "sigmoid")
-    return prepare_for_eval(model, device, getattr(args, "compile", False))
-
-
 def frame_name(path, root):
     """``<sequence>/<video>/<N>`` of a C3VD colour frame, relative to the data root."""
     rel = Path(os.path.relpath(path, root))
@@ -223,40 +202,6 @@ def save_depths(folder, root, paths, depths):
 
 # --------------------------------------------------------------------------- pictures
 
-def colourize(values, vmax, invalid=None):
-    """(h, w) array -> (h, w, 3) uint8 magma colours; 0 → dark, ``vmax`` and beyond → bright
-    (saturating). ``invalid`` pixels are black."""
-    x = np.clip(np.asarray(values, np.float32) / vmax, 0, 1) * (len(_MAGMA) - 1)
-    lo = np.floor(x).astype(int).clip(0, len(_MAGMA) - 2)
-    frac = (x - lo)[..., None]
-    rgb = _MAGMA[lo] * (1 - frac) + _MAGMA[lo + 1] * frac
-    if invalid is not None:
-        rgb[invalid] = 0
-    return rgb.round().astype(np.uint8)
-
-
-def scale_bar(width, vmax, label, near_bright=False, saturates=False):
-    """A horizontal colour bar from 0 (left) to ``vmax`` (right) with its end values, as a PIL
-    image ``width`` px wide; ``near_bright`` uses the depth panels' reversed colours."""
-    ramp = np.linspace(0, vmax, width)[None].repeat(10, 0)
-    bar = Image.fromarray(colourize(vmax - ramp if near_bright else ramp, vmax))
-    font = text_font(12)
-    out = Image.new("RGB", (width, 30), (255, 255, 255))
-    out.paste(bar, (0, 0))
-    draw = ImageDraw.Draw(out)
-    draw.text((1, 12), "0", fill=(0, 0, 0), font=font)
-    draw.text((width // 2, 12), label, fill=(0, 0, 0), font=font, anchor="ma")
-    draw.text((width - 1, 12), f"{vmax:.0f}{'+' if saturates else ''}", fill=(0, 0, 0), font=font, anchor="ra")
-    return out
-
-
-def _with_bar(image, bar):
-    out = Image.new("RGB", (image.width, image.height + bar.height + 2), (255, 255, 255))
-    out.paste(image, (0, 0))
-    out.paste(bar, (0, image.height + 2))
-    return out
-
-
 def depth_panel(image, gt_mm, pred_mm, rmse):
     """Input | ground truth | prediction (one colour map, near = bright) | |error| (saturating).
 
@@ -272,29 +217,24 @@ def depth_panel(image, gt_mm, pred_mm, rmse):
     depth_bar = scale_bar(w, vmax, "depth (mm)", near_bright=True)
     error_bar = scale_bar(w, ERROR_MAX_MM, "|error| (mm)", saturates=True)
     blank = Image.new("RGB", (w, depth_bar.height), (255, 255, 255))
-    return hstack([_with_bar(caption(image.copy(), "input"), blank),
-                   _with_bar(caption(gt, "ground truth"), depth_bar),
-                   _with_bar(caption(pred, f"prediction  RMSE {rmse:.2f} mm"), depth_bar),
-                   _with_bar(caption(err, "absolute error"), error_bar)])
+    return hstack([with_bar(caption(image.copy(), "input"), blank),
+                   with_bar(caption(gt, "ground truth"), depth_bar),
+                   with_bar(caption(pred, f"prediction  RMSE {rmse:.2f} mm"), depth_bar),
+                   with_bar(caption(err, "absolute error"), error_bar)])
 
 
-def render_predictions(args, model, dataset, device, alignment="scale-shift", amp=True):
-    """Write one panel per selected test frame to ``Predictions/depth-C3VD/test{i}_{label}.png``.
-
-    Returns the list of (frame path, picture path)."""
+def render_predictions(model, dataset, device, *, folder, label, positions=None, alignment="scale-shift",
+                       amp=True):
+    """Write one panel per test frame at ``positions`` (default all) to ``folder`` as
+    ``test{i}_{label}.png``. Returns the list of (frame path, picture path)."""
     from gissl.data.images import open_rgb
-    out_dir = cli.predictions_dir(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    label = picture_label(args)
     written = []
-    for i in selected_positions(args, len(dataset)):
+    for i in select_positions(positions, len(dataset)):
         sample = dataset[i]
-        pred = predict_logits(model, sample["image"][None], device, amp).cpu()
+        pred = dense.predict_logits(model, sample["image"][None], device, amp).cpu()
         gt = sample["depth_orig"]
         p = to_original(align(pred, sample["depth"][None], alignment)[0], gt)
         rmse = depth_errors(p[None], gt[None])["rmse"].item()
         picture = depth_panel(open_rgb(sample["path"]), gt[0].numpy(), p[0].numpy(), rmse)
-        path = out_dir / f"test{i}_{label}.png"
-        picture.save(path)
-        written.append((sample["path"], os.fspath(path)))
+        written.append((sample["path"], save_picture(picture, folder, i, label)))
     return written

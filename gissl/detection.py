@@ -1,5 +1,5 @@
 """Polyp detection: what ``train_detection.py``, ``eval_detection.py`` and
-``predict_detection.py`` share (ssl4gie.md §2.3, §3.4, §4, §5.2, §6).
+``predict_detection.py`` share (docs/ssl4gie.md §2.3, §3.4, §4, §5.2, §6).
 
 Datasets: ``Kvasir`` (Kvasir-SEG boxes, the reference's) and ``coco`` (any COCO-format box
 annotation file with ``--annotations FILE``; images under ``--data-root``), both split 80/10/10
@@ -15,33 +15,28 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from gissl import cli
 from gissl.data.datasets import DetectionDataset, build_detection_datasets
 from gissl.data.images import check_image, open_rgb, report_bad
 from gissl.data.splits import split_indices
 from gissl.data.transforms import unpad_boxes
-from gissl.engine import make_loader
+from gissl.loaders import make_loader
 from gissl.errors import DataError, UserError
 from gissl.metrics import coco_map
 from gissl.models import is_vit
 from gissl.models.detection import FIXED_SIZE, WINDOW_SIZE, build_detector
-from gissl.segmentation import picture_label, selected_positions
+from gissl.pictures import save_picture, select_positions
 
 DATASETS = ["Kvasir", "coco"]
-RESNET_MIN_SIZE, RESNET_MAX_SIZE = 800, 1333  # torchvision's resize (ssl4gie.md §2.3, ResNet path)
-GT_COLOR, PRED_COLOR = (255, 234, 0), (0, 255, 0)  # the reference's yellow and green (§6)
+RESNET_MIN_SIZE, RESNET_MAX_SIZE = 800, 1333  # torchvision's resize (docs/ssl4gie.md §2.3, ResNet path)
+GT_COLOR, PRED_COLOR = (255, 234, 0), (0, 255, 0)  # the reference's yellow and green (docs/ssl4gie.md §6)
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- flags and model
 
-def parser(stage):
-    """The shared task parser plus the detection flags, for ``stage`` train/eval/predict."""
-    descriptions = {"train": "Fine-tune pretrained model for object detection",
-                    "eval": "Evaluate fine-tuned object detection model",
-                    "predict": "Make predictions with fine-tuned object detection model"}
-    p = cli.task_parser("detection", descriptions[stage], stage=stage, datasets=DATASETS,
-                        default_epochs=200, default_image_size=None)
-    g = p.add_argument_group("detection")
+def add_arguments(parser, stage):
+    """The detection flags. The model's (``--batchnorm``, ``--window-size``, ``--proposals``,
+    ``--roi-samples``) are in every stage: eval and predict read them from the checkpoint."""
+    g = parser.add_argument_group("detection")
     g.add_argument("--annotations", default=None, metavar="FILE",
                    help="COCO-format box annotations for --dataset coco (file names relative to "
                         "--data-root); split 80/10/10 like Kvasir")
@@ -62,92 +57,77 @@ def parser(stage):
     if stage == "predict":
         g.add_argument("--threshold", type=float, default=0.5,
                        help="draw predictions with at least this score (the reference's 0.5)")
-    return p
+    return parser
 
 
-def parse_args(stage, argv=None):
-    """Parse and check the flags; ``--image-size`` defaults per architecture: ResNet 800 (the
-    short side after torchvision's resize; long side capped at 1333/800 of it), ViT 1024 (the
-    zero-padded square canvas)."""
-    args = parser(stage).parse_args(argv)
-    if args.image_size is None:
-        args.image_size = FIXED_SIZE if is_vit(args.arch) else RESNET_MIN_SIZE
-    if is_vit(args.arch) and args.image_size % 64:
-        raise UserError(f"--image-size {args.image_size}: the ViT detector canvas must be a "
+def default_image_size(architecture):
+    """``--image-size`` by default: ResNet 800 (the short side after torchvision's resize; long
+    side capped at 1333/800 of it), ViT 1024 (the zero-padded square canvas)."""
+    return FIXED_SIZE if is_vit(architecture) else RESNET_MIN_SIZE
+
+
+def check_settings(*, arch, image_size, dataset, annotations, data_root, proposals, roi_samples,
+                   threshold=None):
+    """UserError for detection settings that cannot work, naming the flag (``arch``: the
+    architecture)."""
+    if is_vit(arch) and image_size % 64:
+        raise UserError(f"--image-size {image_size}: the ViT detector canvas must be a "
                         "multiple of 64 (e.g. 256, 512, 1024)")
-    if args.dataset == "coco":
-        if not args.annotations:
+    if dataset == "coco":
+        if not annotations:
             raise UserError("--dataset coco needs --annotations FILE (COCO box annotations)")
-        if not os.path.isfile(args.annotations):
-            raise UserError(f"--annotations '{args.annotations}' does not exist")
-        if not args.data_root:
+        if not os.path.isfile(annotations):
+            raise UserError(f"--annotations '{annotations}' does not exist")
+        if not data_root:
             raise UserError("--dataset coco needs --data-root DIR (the folder of the images)")
-    elif args.annotations:
-        raise UserError(f"--annotations is only used with --dataset coco, not {args.dataset}")
-    if args.proposals < 1 or args.roi_samples < 1:
+    elif annotations:
+        raise UserError(f"--annotations is only used with --dataset coco, not {dataset}")
+    if proposals < 1 or roi_samples < 1:
         raise UserError("--proposals and --roi-samples must be at least 1")
-    if getattr(args, "threshold", 0.0) is not None and not 0.0 <= getattr(args, "threshold", 0.0) <= 1.0:
-        raise UserError(f"--threshold {args.threshold} must be between 0 and 1")
-    return cli.check_args(args)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--threshold {threshold} must be between 0 and 1")
 
 
-def fixed_size(args):
+def fixed_size(architecture, image_size):
     """The padded canvas side for ViT detectors, None for ResNets (the model resizes)."""
-    return args.image_size if is_vit(args.arch) else None
+    return image_size if is_vit(architecture) else None
 
 
-def batchnorm_mode(args):
-    if args.batchnorm != "auto":
-        return args.batchnorm
-    return "train" if args.pretraining == "random" else "frozen"
+def batchnorm_mode(batchnorm, pretraining):
+    """``--batchnorm auto``: frozen for pretrained encoders, trained from random init."""
+    if batchnorm != "auto":
+        return batchnorm
+    return "train" if pretraining == "random" else "frozen"
 
 
-def build_model(args, **kwargs):
-    """The Faster R-CNN of this run: encoder from the flags (pretrained weights loaded when
-    training), backbone and torchvision heads. ``kwargs`` go to ``FasterRCNN``. Call
-    :func:`build_datasets` first: it sets the number of classes."""
-    encoder = cli.encoder_from_args(args)
-    size = args.image_size
-    n = args.proposals
+def build_model(encoder, *, num_classes, image_size, proposals, roi_samples, window_size, batchnorm,
+                pretraining, **kwargs):
+    """The Faster R-CNN on ``encoder``: backbone and torchvision heads, ``num_classes`` with the
+    background. ``kwargs`` go to ``FasterRCNN``."""
+    n = proposals
     kwargs = dict(rpn_pre_nms_top_n_train=n, rpn_post_nms_top_n_train=n, rpn_pre_nms_top_n_test=max(1, n // 2),
-                  rpn_post_nms_top_n_test=max(1, n // 2), box_batch_size_per_image=args.roi_samples, **kwargs)
-    model = build_detector(encoder, num_classes=args.num_classes, batchnorm=batchnorm_mode(args),
-                           window_size=args.window_size, fixed_size=fixed_size(args),
-                           min_size=size, max_size=round(size * RESNET_MAX_SIZE / RESNET_MIN_SIZE),
+                  rpn_post_nms_top_n_test=max(1, n // 2), box_batch_size_per_image=roi_samples, **kwargs)
+    model = build_detector(encoder, num_classes=num_classes, batchnorm=batchnorm_mode(batchnorm, pretraining),
+                           window_size=window_size, fixed_size=fixed_size(encoder.architecture, image_size),
+                           min_size=image_size, max_size=round(image_size * RESNET_MAX_SIZE / RESNET_MIN_SIZE),
                            **kwargs)
     # channels-last convolution weights: oneDNN (CPU) and tensor cores run the convs and above
     # all their backward much faster (measured: a resnet18 train step on CPU 26 s -> 13 s)
     return model.to(memory_format=torch.channels_last)
 
 
-def load_model(args, device):
-    """The finetuned detector of this run (``Trained models/detection/<name>.pth``), on ``device``
-    in eval mode; for eval and predict."""
-    from gissl.engine import compile_model, prepare_for_eval
-    model = build_model(args)
-    cli.load_trained(model, args)
-    model = prepare_for_eval(model, device)
-    if getattr(args, "compile", False):  # eval --compile
-        # the backbone (encoder + feature pyramid) is the bulk of the work and has static shapes;
-        # the heads' data-dependent parts (proposal selection, NMS) would only break the graph
-        model.backbone = compile_model(model.backbone, device)
-    return model
+def build_datasets(dataset, root, *, architecture, image_size, annotations=None, skip_bad=False):
+    """dict(train=, val=, test=) of detection datasets. The number of classes is
+    ``len(categories(data)) + 1`` (background included)."""
+    size = fixed_size(architecture, image_size)
+    if dataset == "coco":
+        return build_coco_datasets(root, annotations, size, seed=42, skip_bad=skip_bad)
+    return build_detection_datasets(root, fixed_size=size, seed=42, skip_bad=skip_bad)
 
 
-def build_datasets(args):
-    """dict(train=, val=, test=) of detection datasets for the flags; sets
-    ``args.num_classes`` (background included) and ``args.categories`` (COCO category ids,
-    index = model label - 1)."""
-    root = cli.data_root(args)
-    if args.dataset == "coco":
-        data = build_coco_datasets(root, args.annotations, fixed_size(args), seed=42,
-                                   skip_bad=args.skip_bad_files)
-    else:
-        data = build_detection_datasets(root, fixed_size=fixed_size(args), seed=42,
-                                        skip_bad=args.skip_bad_files)
-    args.categories = getattr(data["test"], "categories", [1])
-    args.num_classes = len(args.categories) + 1
-    return data
+def categories(data):
+    """COCO category ids of the datasets (index = model label - 1); Kvasir has one, polyp = 1."""
+    return list(getattr(data["test"], "categories", [1]))
 
 
 # --------------------------------------------------------------------------- COCO-format data
@@ -226,7 +206,7 @@ class CocoDetectionDataset(DetectionDataset):
 
 
 def build_coco_datasets(root, annotations, fixed_size=None, seed=42, skip_bad=False):
-    """dict(train=, val=, test=) of a COCO annotation file, split like Kvasir (§2.1)."""
+    """dict(train=, val=, test=) of a COCO annotation file, split like Kvasir (docs/ssl4gie.md §2.1)."""
     samples, categories = read_coco(root, annotations, skip_bad)
     if len(samples) < 3:
         raise DataError(f"{annotations} has {len(samples)} usable images; need at least 3 to split")
@@ -247,7 +227,7 @@ def collate(samples):
 
 def compute_losses(model, batch):
     """torchvision's Faster R-CNN loss dict (``loss_classifier``, ``loss_box_reg``,
-    ``loss_objectness``, ``loss_rpn_box_reg``); the engine sums them with equal weights (§4.2)."""
+    ``loss_objectness``, ``loss_rpn_box_reg``); the engine sums them with equal weights (docs/ssl4gie.md §4.2)."""
     return model(batch["images"], batch["targets"])
 
 
@@ -288,23 +268,21 @@ def predict(model, loader, device):
     return predictions, targets, indices
 
 
-def eval_loader(dataset, args, batch_size=None):
+def eval_loader(dataset, *, architecture, image_size, batch_size, workers=0):
     """In-order loader over a whole split with the detection collate.
 
-    ViT detectors see one fixed canvas, so their images are batched (``--batch-size``): every
+    ViT detectors see one fixed canvas, so their images are batched (``batch_size``): every
     image still gets its own proposals, NMS and boxes, so batching changes no box beyond float
     rounding (``tests/test_detection.py``). ResNet detectors resize each image to its own size
     and torchvision pads a batch to its largest image, which changes the features near the
     borders: they run one image at a time, as the reference evaluated.
     """
-    if batch_size is None:
-        batch_size = args.batch_size if fixed_size(args) else 1
-    return make_loader(dataset, batch_size=batch_size, train=False, workers=args.workers,
-                       collate_fn=collate)
+    return make_loader(dataset, batch_size=batch_size if fixed_size(architecture, image_size) else 1,
+                       train=False, workers=workers, collate_fn=collate)
 
 
 def validation_ap(model, loader, device):
-    """AP@[.5:.95] on ``loader`` (the reference selects on torchmetrics' ``map``, §4.2).
+    """AP@[.5:.95] on ``loader`` (the reference selects on torchmetrics' ``map``, docs/ssl4gie.md §4.2).
     A split with no box at all has no AP; it then scores 0 (every epoch alike)."""
     predictions, targets, _ = predict(model, loader, device)
     ap = coco_map(predictions, targets)["map"]
@@ -312,7 +290,7 @@ def validation_ap(model, loader, device):
 
 
 def results_lines(metrics):
-    """The reference's ``eval_results.txt`` lines (§5.2) plus AR@100."""
+    """The reference's ``eval_results.txt`` lines (docs/ssl4gie.md §5.2) plus AR@100."""
     return {"mAP@.5:.95": metrics["map"], "mAP@.5": metrics["map_50"], "mAP@.75": metrics["map_75"],
             "AR@100": metrics["mar_100"]}
 
@@ -366,7 +344,7 @@ def save_predictions(path, dataset, indices, predictions, targets, categories=(1
 # --------------------------------------------------------------------------- pictures
 
 def draw(image, gt_boxes, boxes, scores, threshold=0.5):
-    """The prediction picture (§6): ``image`` (3, H, W) uint8 original, ground truth (n, 4) in
+    """The prediction picture (docs/ssl4gie.md §6): ``image`` (3, H, W) uint8 original, ground truth (n, 4) in
     yellow, predictions with score >= ``threshold`` in green labelled with their score.
     Returns (3, H, W) uint8."""
     width = max(2, round(max(image.shape[-2:]) / 200))  # the reference's 6 px at ~1200 px
@@ -376,19 +354,15 @@ def draw(image, gt_boxes, boxes, scores, threshold=0.5):
                                colors=[PRED_COLOR] * int(keep.sum()), width=width)
 
 
-def render_predictions(args, model, dataset, device):
-    """Draw the test images chosen by ``--idx`` (all by default) into
-    ``Predictions/detection-<dataset>/test{i}_<model>.png``. Yields ``(image path, picture path)``."""
-    positions = selected_positions(args, len(dataset))
-    folder = cli.predictions_dir(args)
-    folder.mkdir(parents=True, exist_ok=True)
-    loader = eval_loader(torch.utils.data.Subset(dataset, positions), args)
+def render_predictions(model, dataset, device, *, folder, label, loader_kwargs, positions=None, threshold=0.5):
+    """Draw the test images at ``positions`` (all by default) into ``<folder>/test{i}_<label>.png``;
+    ``loader_kwargs`` go to :func:`eval_loader`. Yields ``(image path, picture path)``."""
+    positions = select_positions(positions, len(dataset))
+    loader = eval_loader(torch.utils.data.Subset(dataset, positions), **loader_kwargs)
     predictions, targets, indices = predict(model, loader, device)
     for pos, pred, target, i in zip(positions, predictions, targets, indices):
         path = dataset.samples[i]["image"]
         image = torch.from_numpy(np.asarray(open_rgb(path), dtype=np.uint8).copy()).permute(2, 0, 1)
         gt = target["boxes"][~target["iscrowd"]] if "iscrowd" in target else target["boxes"]
-        picture = draw(image, gt, pred["boxes"], pred["scores"], args.threshold)
-        out = folder / f"test{pos}_{picture_label(args)}.png"
-        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out)
-        yield path, out
+        picture = draw(image, gt, pred["boxes"], pred["scores"], threshold)
+        yield path, save_picture(Image.fromarray(picture.permute(1, 2, 0).numpy()), folder, pos, label)

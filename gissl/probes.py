@@ -1,7 +1,7 @@
 """Representation probes: how good is a frozen encoder without finetuning it.
 
-The protocols follow the SSL-transfer study (other-methods.md §b.1) with the fixes it asks
-for (§b.4, §b.5): the encoder is always in eval mode (BatchNorm statistics never move), the
+The protocols follow the SSL-transfer study (docs/transfer-study.md §b.1) with the fixes it asks
+for (docs/transfer-study.md §b.4, §b.5): the encoder is always in eval mode (BatchNorm statistics never move), the
 logistic-regression probe standardises features and converges, few-shot episodes draw their
 support set from train and their queries from test, occlusion is batched.
 
@@ -31,7 +31,7 @@ from gissl.metrics import classification_metrics
 
 def c_grid(n=45):
     """Inverse L2 strengths ``C = 1 / wd`` with ``wd = logspace(-6, 5, n)``; the reference's
-    n = 45 gives quarter-decade steps (other-methods.md §b.1)."""
+    n = 45 gives quarter-decade steps (docs/transfer-study.md §b.1)."""
     return tuple(float(c) for c in 1.0 / np.logspace(-6, 5, n))
 
 
@@ -73,7 +73,7 @@ def extract_features(encoder, dataset, *, device, batch_size=64, workers=0, cach
     """Embeddings of every sample of a classification ``dataset`` with the frozen ``encoder``.
 
     Returns ``{"features": (N, D) float32 CPU, "labels": (N,) int64}``. The encoder is put in
-    eval mode (the reference's analysis scripts left BatchNorm in train mode, other-methods.md
+    eval mode (the reference's analysis scripts left BatchNorm in train mode, docs/transfer-study.md
     §b.4 item 2) and runs under ``torch.inference_mode``. With ``cache`` (a path, see
     :func:`feature_cache_path`) the result is read from there when present, else written.
     """
@@ -81,7 +81,8 @@ def extract_features(encoder, dataset, *, device, batch_size=64, workers=0, cach
         stored = load_file(cache)
         if stored.get("features") is not None and len(stored["features"]) == len(dataset):
             return {"features": stored["features"], "labels": stored["labels"]}
-    from gissl.engine import make_loader, move_to  # engine imports stay local: probes are also used without it
+    from gissl.engine import move_to  # engine imports stay local: probes are also used without it
+    from gissl.loaders import make_loader
     loader = make_loader(dataset, batch_size=batch_size, train=False, workers=workers, device=device)
     encoder.eval()
     feats, labels = [], []
@@ -128,7 +129,7 @@ def fit_logistic_regression(x, y, num_classes, C=1.0, max_iter=1000, init=None, 
     x: `(N, D)` features; y: `(N,)` class ids. The objective is scikit-learn's
     ``C * sum_i CE_i + ||W||² / 2`` divided by ``C·N`` (same minimiser), solved with L-BFGS
     (strong-Wolfe line search) in float64 to convergence, so the result does not depend on
-    the order of a hyper-parameter sweep (other-methods.md §b.4 item 9). ``init`` warm-starts
+    the order of a hyper-parameter sweep (docs/transfer-study.md §b.4 item 9). ``init`` warm-starts
     from another :class:`LogisticRegression` (faster only: the problem is convex).
     """
     x = torch.as_tensor(x, dtype=torch.float64)
@@ -163,7 +164,7 @@ def fit_logistic_regression(x, y, num_classes, C=1.0, max_iter=1000, init=None, 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, grid=C_GRID, refit=True, max_iter=1000):
     """Choose the inverse L2 strength ``C`` on val, then refit on train + val.
 
-    train_x `(N, D)`, val_x `(M, D)`. The grid is the reference's 45 values (other-methods.md
+    train_x `(N, D)`, val_x `(M, D)`. The grid is the reference's 45 values (docs/transfer-study.md
     §b.1), swept from strong to weak regularisation with warm starts. ``C`` is chosen by val
     macro-F1 (classes present in val; robust to HyperKvasir's imbalance); when several values
     tie (common on a small val split) the middle of the tied run is taken, away from both
@@ -220,11 +221,11 @@ def fewshot_episodes(support_x, support_y, query_x=None, query_y=None, *, n_way=
 
     Each episode draws ``n_way`` classes, ``k_shot`` support features per class from
     ``support_x (N, D)`` and ``n_query`` query features per class from ``query_x (M, D)``
-    (other-methods.md §b.5: support from train, queries from test). Without ``query_x`` both
+    (docs/transfer-study.md §b.5: support from train, queries from test). Without ``query_x`` both
     come from the one pool, disjoint within an episode (the reference's pooled protocol).
     Prototype = mean support feature; ``distance`` ``euclidean`` (squared, raw features, as
     the reference) or ``cosine`` (L2-normalised). Returns ``{"mean", "ci95", "accuracies"}``
-    in % with ci95 = 1.96·std/√episodes (other-methods.md §b.1).
+    in % with ci95 = 1.96·std/√episodes (docs/transfer-study.md §b.1).
     """
     support_x = torch.as_tensor(support_x, dtype=torch.float32)
     support_y = torch.as_tensor(support_y).long()
@@ -281,7 +282,7 @@ def transform_family(name, k=8, seed=0, mean=None, std=None):
     """``k`` deterministic transforms of one family, each mapping a normalised batch
     `(N, 3, H, W)` to a batch of the same shape.
 
-    Families (endoscopy-relevant, other-methods.md §b.5): ``rotation`` (angles spread over
+    Families (endoscopy-relevant, docs/transfer-study.md §b.5): ``rotation`` (angles spread over
     360°, the scope rotates), ``flips`` (h, v, both), ``colour`` (brightness, contrast,
     saturation 0.6–1.4 and hue ±0.05: illumination), ``blur`` (Gaussian σ 0.5–4, kernel 23:
     motion/focus, as the reference's kernel), ``crop`` (resized crops of 30–90 % of the area).
@@ -332,7 +333,7 @@ def invariance(encoder, images, *, families=INVARIANCE_FAMILIES, k=8, center=Non
     images: `(N, 3, H, W)` normalised; ``center`` `(D,)` is subtracted from every feature
     first (default: the mean clean feature of ``images``). Centring matters: raw features of
     ReLU networks are all positive, so their cosine is near 1 for anything. (The reference
-    also whitens, other-methods.md §b.1; with a few hundred images and D ≥ 192 the covariance
+    also whitens, docs/transfer-study.md §b.1; with a few hundred images and D ≥ 192 the covariance
     is singular, so gissl only centres.) Returns ``{family: similarity}`` with 1 = invariant.
     """
     clean = encode(encoder, images, batch_size)
@@ -360,7 +361,7 @@ def _positions(size, patch, stride):
 @torch.inference_mode()
 def occlusion_map(fn, image, patch=10, stride=5, batch_size=64, fill=0.0):
     """Occlusion sensitivity `(H, W)` of ``fn`` at `image (3, H, W)` (Ericsson et al.'s method,
-    other-methods.md §b.1).
+    docs/transfer-study.md §b.1).
 
     A ``patch``×``patch`` window of value ``fill`` (0 in normalised space = the ImageNet mean
     colour, as the reference) slides with ``stride``; each position scores
@@ -390,7 +391,7 @@ def occlusion_map(fn, image, patch=10, stride=5, batch_size=64, fill=0.0):
 
 
 def attentive_diffusion(saliency):
-    """% of the map's pixels strictly above its mean (other-methods.md §b.1, ``saliency.py``):
+    """% of the map's pixels strictly above its mean (docs/transfer-study.md §b.1, ``saliency.py``):
     low = attention concentrated on a small region."""
     saliency = torch.as_tensor(saliency)
     return float((saliency > saliency.mean()).double().mean() * 100)

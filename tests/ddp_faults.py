@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 import ddp_toy  # this folder is on sys.path when the file runs as a script
-from gissl import dist, engine
+import faults  # noqa: F401  (installs GISSL_FAULT's hooks)
+from gissl import dist, engine, loaders, optim
+from gissl.runfiles import RunFiles
 
 
 class Data(ddp_toy.Data):
@@ -26,8 +28,8 @@ def main(out, epochs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
                           nn.Linear(16, 2))
-    opt = engine.build_optimizer(model, lr=0.05)
-    loader = engine.make_loader(Data(), batch_size=8, train=True, workers=0, seed=1)
+    opt = optim.build_optimizer(model, lr=0.05)
+    loader = loaders.make_loader(Data(), batch_size=8, train=True, workers=0, seed=1)
     calls = itertools.count(1)
 
     def compute(m, b):
@@ -41,9 +43,9 @@ def main(out, epochs):
     values = itertools.count(1)
     validate = lambda m: 0.5 if dist.get_rank() == 0 else float(next(values))  # noqa: E731
     engine.fit(model, train_loader=loader, compute_losses=compute, optimizer=opt, device=device,
-               run_dir=out + "/run", run_name="toy", args={"seed": 1}, epochs=epochs,
-               validate=validate, lr_scheduler=True, amp=False, show_progress=False,
-               log_every=2, skip_nonfinite=1)
+               run=RunFiles(out + "/run", "toy", config={"seed": 1}), epochs=epochs, validate=validate,
+               options=engine.FitOptions(plateau=True, amp=False, show_progress=False, log_every=2,
+                                         skip_nonfinite=1, seed=1))
     torch.save({"params": dict(model.named_parameters()), "optimizer": opt.state_dict(),
                 "lr": opt.param_groups[0]["lr"]}, f"{out}/rank{dist.get_rank()}.pth")
     dist.cleanup()

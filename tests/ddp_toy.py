@@ -5,7 +5,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from gissl import dist, engine
+from gissl import dist, engine, loaders, optim
+from gissl.runfiles import RunFiles
 
 
 class Data(torch.utils.data.Dataset):
@@ -25,14 +26,14 @@ def main(out, epochs):
     device = dist.init_distributed("cpu")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
-    opt = engine.build_optimizer(model, lr=0.05)
-    loader = engine.make_loader(Data(), batch_size=8, train=True, workers=0, seed=1)
+    opt = optim.build_optimizer(model, lr=0.05)
+    loader = loaders.make_loader(Data(), batch_size=8, train=True, workers=0, seed=1)
     compute = lambda m, b: {"ce": nn.functional.cross_entropy(m(b["x"]), b["y"])}  # noqa: E731
     # a validation value that differs per rank if computed locally: the engine must use rank 0's
     validate = lambda m: float(m(Data().x).sum())  # noqa: E731
     engine.fit(model, train_loader=loader, compute_losses=compute, optimizer=opt, device=device,
-               run_dir=out + "/run", run_name="toy", args={"seed": 1}, epochs=epochs,
-               validate=validate, lr_scheduler=True, amp=False, show_progress=False)
+               run=RunFiles(out + "/run", "toy", config={"seed": 1}), epochs=epochs, validate=validate,
+               options=engine.FitOptions(plateau=True, amp=False, show_progress=False, seed=1))
     torch.save({"model": model.state_dict(), "lr": opt.param_groups[0]["lr"]},
                f"{out}/rank{dist.get_rank()}.pth")
     dist.cleanup()

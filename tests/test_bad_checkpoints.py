@@ -5,7 +5,7 @@ Each training script (and pretrain.py) gets ``--pretraining Hyperkvasir --ss-fra
 all, full of NaN/Inf, or a pickle that would run code when loaded. Each must stop with exit code 2
 and one ``error:`` line that names the file, the problem and what to do, before any training:
 nothing is written to the output folder. The eval scripts' finetuned-weights loading
-(``cli.load_trained``, ``eval_retrieval.py --weights``) is held to the same rules.
+(``cli.finetuned`` and ``cli.load_weights``, ``--weights``) is held to the same rules.
 
 The scripts run in this process (``runpy``; a subprocess costs seconds of torch import) on tiny
 copies of the built-in synthetic datasets; one real subprocess proves the end-to-end exit code.
@@ -185,7 +185,7 @@ def test_end_to_end_exit_code_in_a_subprocess(data, bad_files, tmp_path):
     assert_nothing_written(tmp_path / "out")
 
 
-# --- finetuned weights read by the eval scripts (cli.load_trained, eval_retrieval.py --weights) -----
+# --- finetuned weights read by the eval scripts (cli.finetuned, --weights) -----
 
 EVAL_ENTRY_POINTS = {
     "classification": ("train_classification.py", "eval_classification.py",
@@ -230,7 +230,10 @@ def _bad_finetuned(kind, good, dst, marker):
 
 
 EVAL_KINDS = {
-    "other_arch": r"does not fit this \w+: its encoder is a ResNet-18.*mis-shaped keys.*same --architecture",
+    # the file says which model it holds: a contradicting flag is refused naming both values (a file
+    # without that record gets the strict loader's key mismatch, naming the flag to fix)
+    "other_arch": r"(does not fit this \w+: its encoder is a ResNet-18.*mis-shaped keys.*same --architecture|"
+                  r"--architecture vit_t contradicts the checkpoint .* trained with --architecture resnet18)",
     "truncated": "truncated or is not a PyTorch checkpoint.*copy or download it again",
     "text": "not a PyTorch checkpoint",
     "nan": r"NaN/Inf values in 1 tensor\(s\) \(encoder\.layer2\.0\.conv1\.weight\)",

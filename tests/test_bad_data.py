@@ -9,7 +9,6 @@ anything is written; with it the bad files are skipped with a warning that count
 them, and training runs on the rest. Files pair by name stem, so a sample is never mis-paired.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 

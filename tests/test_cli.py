@@ -1,6 +1,7 @@
 import pytest
 
 from gissl import cli
+from gissl.report import append_eval_results
 from gissl.errors import UserError
 
 
@@ -41,14 +42,14 @@ def test_invalid_combinations(argv, match):
 
 
 def test_idx_parsing():
-    assert parse(["--idx", "11,468"], stage="predict").idx_list == [11, 468]
+    assert cli.positions(parse(["--idx", "11,468"], stage="predict")) == [11, 468]
     with pytest.raises(UserError, match="comma-separated"):
         parse(["--idx", "a,b"], stage="predict")
 
 
 def test_eval_results_format(tmp_path):
     path = tmp_path / "eval_results.txt"
-    cli.append_eval_results("Segmentation results", "x", {"Dice": 0.5, "IoU": 0.25}, path=path)
+    append_eval_results("Segmentation results", "x", {"Dice": 0.5, "IoU": 0.25}, path=path)
     lines = path.read_text().splitlines()
     assert lines[0].startswith("Segmentation results for x @ ")
     assert lines[1:] == ["Dice: 0.5", "IoU: 0.25"]

@@ -75,8 +75,8 @@ def test_predictions_are_mapped_back_to_original_pixels(kvasir, fixed_size):
         assert all(test[i]["image"].shape[-2:] == (64, 64) for i in range(len(test)))
         meta = test[0]["meta"]
         torch.testing.assert_close(unpad_boxes(canvas[0], meta), torch.as_tensor(test.samples[0]["boxes"]))
-    args = det.parse_args("eval", TINY + ["--data-root", kvasir])
-    predictions, targets, indices = det.predict(CanvasBoxes(canvas), det.eval_loader(test, args), "cpu")
+    loader = det.eval_loader(test, architecture="resnet18", image_size=fixed_size or 64, batch_size=16)
+    predictions, targets, indices = det.predict(CanvasBoxes(canvas), loader, "cpu")
     assert indices == list(range(len(test)))
     for p, t in zip(predictions, targets):
         torch.testing.assert_close(p["boxes"], t["boxes"], atol=1e-4, rtol=0)
@@ -160,28 +160,28 @@ def test_picture_colours_and_threshold():
 
 
 def test_flags(tmp_path):
-    assert det.parse_args("train", ["--architecture", "resnet18"]).image_size == 800
-    assert det.parse_args("train", ["--architecture", "vit_t"]).image_size == 1024
+    assert train_detection.get_args(["--architecture", "resnet18"]).image_size == 800
+    assert train_detection.get_args(["--architecture", "vit_t"]).image_size == 1024
     with pytest.raises(UserError, match="multiple of 64"):
-        det.parse_args("train", ["--architecture", "vit_t", "--image-size", "224"])
+        train_detection.get_args(["--architecture", "vit_t", "--image-size", "224"])
     with pytest.raises(UserError, match="--annotations"):
-        det.parse_args("train", ["--dataset", "coco", "--data-root", str(tmp_path)])
+        train_detection.get_args(["--dataset", "coco", "--data-root", str(tmp_path)])
     with pytest.raises(UserError, match="only used with --dataset coco"):
-        det.parse_args("eval", ["--annotations", str(tmp_path)])
+        eval_detection.get_args(["--annotations", str(tmp_path)])
     with pytest.raises(UserError, match="--threshold"):
-        det.parse_args("predict", ["--threshold", "1.5"])
-    args = det.parse_args("train", ["--architecture", "resnet18", "--pretraining", "ImageNet_class"])
-    assert det.batchnorm_mode(args) == "frozen"
-    assert det.batchnorm_mode(det.parse_args("train", ["--architecture", "resnet18"])) == "train"
+        predict_detection.get_args(["--threshold", "1.5"])
+    args = train_detection.get_args(["--architecture", "resnet18", "--pretraining", "ImageNet_class"])
+    assert det.batchnorm_mode(args.batchnorm, args.pretraining) == "frozen"
+    assert det.batchnorm_mode("auto", "random") == "train"
 
 
 @pytest.mark.slow
 def test_scripts_end_to_end(kvasir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     common = TINY + ["--data-root", kvasir]
-    train_detection.main(det.parse_args("train", common + ["--epochs", "1", "--accum_iter", "2"]))
+    train_detection.main(train_detection.get_args(common + ["--epochs", "1", "--accum_iter", "2"]))
     assert (tmp_path / "Trained models" / "detection" / "resnet18-random_init-frozen_False-dataset_Kvasir.pth").is_file()
-    eval_detection.main(det.parse_args("eval", common + ["--save-predictions", "out/dets.json", "--print-list"]))
+    eval_detection.main(eval_detection.get_args(common + ["--save-predictions", "out/dets.json", "--print-list"]))
     lines = (tmp_path / "eval_results.txt").read_text().splitlines()
     assert lines[0].startswith("Object detection results for resnet18-random_init-frozen_False-dataset_Kvasir @ ")
     assert [line.rsplit(": ", 1)[0] for line in lines[1:]] == ["mAP@.5:.95", "mAP@.5", "mAP@.75", "AR@100"]
@@ -189,12 +189,12 @@ def test_scripts_end_to_end(kvasir, tmp_path, monkeypatch, capsys):
     assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
     assert json.loads((tmp_path / "out" / "dets.ground_truth.json").read_text())["images"]
     assert "RN18_NA_NA_Kvasir = [" in capsys.readouterr().out
-    predict_detection.main(det.parse_args("predict", common + ["--idx", "0"]))
+    predict_detection.main(predict_detection.get_args(common + ["--idx", "0"]))
     pictures = list((tmp_path / "Predictions" / "detection-Kvasir").glob("test0_*.png"))
     assert len(pictures) == 1 and Image.open(pictures[0]).size == Image.open(
         build_detection_datasets(kvasir)["test"].samples[0]["image"]).size
     with pytest.raises(SystemExit) as e:
-        cli.run(predict_detection.main, lambda: det.parse_args("predict", common + ["--idx", "99"]))
+        cli.run(predict_detection.main, lambda: predict_detection.get_args(common + ["--idx", "99"]))
     assert e.value.code == 2
 
 
@@ -203,28 +203,28 @@ def test_pretrained_checkpoint_loads_into_the_backbone(tmp_path):
     source = build_encoder("resnet18")
     source.bn1.running_mean.uniform_(-1, 1)
     torch.save(source.state_dict(), tmp_path / "resnet18.pth")
-    args = det.parse_args("train", TINY + ["--pretraining", "ImageNet_class", "--checkpoint",
-                                           str(tmp_path / "resnet18.pth")])
-    args.num_classes = 2
-    body = det.build_model(args).backbone.body
+    args = train_detection.get_args(TINY + ["--pretraining", "ImageNet_class", "--checkpoint",
+                                            str(tmp_path / "resnet18.pth")])
+    body = det.build_model(cli.encoder(args), **cli.model_kwargs(det.build_model, args, num_classes=2)).backbone.body
     torch.testing.assert_close(body.conv1.weight, source.conv1.weight)
     torch.testing.assert_close(body.bn1.running_mean, source.bn1.running_mean)  # BN frozen with its statistics
     assert type(body.bn1).__name__ == "FrozenBatchNorm2d"
 
 
 def test_vit_detector_eval_is_batched_and_equals_batch_1(kvasir):
-    args = det.parse_args("eval", ["--architecture", "vit_t", "--image-size", "64", "--workers", "0",
-                                   "--proposals", "32", "--batch-size", "4", "--data-root", kvasir])
-    test = det.build_datasets(args)["test"]
+    args = eval_detection.get_args(["--architecture", "vit_t", "--image-size", "64", "--workers", "0",
+                                    "--proposals", "32", "--batch-size", "4", "--data-root", kvasir])
+    test = det.build_datasets("Kvasir", kvasir, architecture="vit_t", image_size=64)["test"]
     torch.manual_seed(0)
-    model = det.build_model(args).eval()
-    assert det.eval_loader(test, args).batch_size == 4  # one canvas size: batched
-    one = det.predict(model, det.eval_loader(test, args, batch_size=1), "cpu")
-    many = det.predict(model, det.eval_loader(test, args), "cpu")
+    model = det.build_model(cli.encoder(args), **cli.model_kwargs(det.build_model, args, num_classes=2)).eval()
+    vit = dict(architecture="vit_t", image_size=64)
+    assert det.eval_loader(test, **vit, batch_size=4).batch_size == 4  # one canvas size: batched
+    one = det.predict(model, det.eval_loader(test, **vit, batch_size=1), "cpu")
+    many = det.predict(model, det.eval_loader(test, **vit, batch_size=4), "cpu")
     assert one[2] == many[2]
     for a, b in zip(one[0], many[0]):
         torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
         torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
     assert coco_map(one[0], one[1])["map"] == pytest.approx(coco_map(many[0], many[1])["map"], abs=1e-6)
-    resnet = det.parse_args("eval", TINY + ["--data-root", kvasir])
-    assert det.eval_loader(test, resnet).batch_size == 1  # sizes differ: one image at a time
+    resnet = det.eval_loader(test, architecture="resnet18", image_size=64, batch_size=4)
+    assert resnet.batch_size == 1  # sizes differ: one image at a time

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gissl import engine
+from gissl import engine, loaders, optim
+from gissl.runfiles import RunFiles
 from gissl.errors import UserError
 
 
@@ -42,16 +43,16 @@ def losses(model, batch):
 def run(tmp_path, epochs, amp=False, accum_iter=1, frozen=False, validate=True, seed=0):
     torch.manual_seed(seed)
     model = Toy()
-    frozen_mods = [engine.freeze(model.encoder)] if frozen else []
-    opt = engine.build_optimizer(model, lr=1e-2)
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0, seed=seed)
+    frozen_mods = [optim.freeze(model.encoder)] if frozen else []
+    opt = optim.build_optimizer(model, lr=1e-2)
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0, seed=seed)
     val = (lambda m: float(-sum(losses(m, b)["ce"] for b in
-                                engine.make_loader(ToyData(), batch_size=8, train=False, workers=0))))
+                                loaders.make_loader(ToyData(), batch_size=8, train=False, workers=0))))
     out = engine.fit(model, train_loader=loader, compute_losses=losses, optimizer=opt,
-                     device=torch.device("cpu"), run_dir=tmp_path, run_name="toy",
-                     args={"seed": seed}, epochs=epochs, validate=val if validate else None,
-                     amp=amp, accum_iter=accum_iter, frozen=frozen_mods, show_progress=False,
-                     lr_scheduler=True)
+                     device=torch.device("cpu"), run=RunFiles(tmp_path, "toy", config={"seed": seed}),
+                     epochs=epochs, validate=val if validate else None,
+                     options=engine.FitOptions(amp=amp, accum_iter=accum_iter, frozen=frozen_mods,
+                                               show_progress=False, plateau=True, seed=seed))
     return model, out
 
 
@@ -92,12 +93,12 @@ def test_frozen_encoder_is_untouched(tmp_path):
 def test_accumulation_steps_last_partial_group(tmp_path):
     # 24 samples / batch 8 = 3 batches; accum 2 → steps after batch 2 and after batch 3
     model = Toy()
-    opt = engine.build_optimizer(model, lr=1e-2)
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    opt = optim.build_optimizer(model, lr=1e-2)
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0)
     steps = []
     engine.train_one_epoch(model, loader, opt, losses, device=torch.device("cpu"), epoch=1,
-                           amp=False, accum_iter=2, after_step=lambda m, s: steps.append(s),
-                           show_progress=False)
+                           options=engine.FitOptions(amp=False, accum_iter=2, show_progress=False,
+                                                     after_step=lambda m, s: steps.append(s)))
     assert steps == [1, 2]
 
 
@@ -111,38 +112,39 @@ def test_accumulation_equals_big_batch():
         n = 16 // chunks
         loader = [{"image": data.x[i:i + n], "label": data.y[i:i + n]} for i in range(0, 16, n)]
         engine.train_one_epoch(model, loader, opt, losses, device=torch.device("cpu"), epoch=1,
-                               amp=False, accum_iter=chunks, show_progress=False,
-                               frozen=[model.encoder[1]])  # BN in eval: no batch statistics
+                               options=engine.FitOptions(amp=False, accum_iter=chunks, show_progress=False,
+                                                         frozen=[model.encoder[1]]))  # BN in eval: no batch statistics
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_loss_names_the_step(tmp_path):
     model = Toy()
-    opt = engine.build_optimizer(model, lr=1e-2)
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    opt = optim.build_optimizer(model, lr=1e-2)
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0)
     with pytest.raises(engine.NonFiniteLossError, match="epoch 1, step 1"):
         engine.train_one_epoch(model, loader, opt, lambda m, b: {"bad": m(b["image"]).sum() * float("nan")},
-                               device=torch.device("cpu"), epoch=1, amp=False, show_progress=False)
+                               device=torch.device("cpu"), epoch=1,
+                               options=engine.FitOptions(amp=False, show_progress=False))
 
 
 def test_optimizer_groups_skip_norms_biases_and_frozen():
     model = Toy()
-    engine.freeze(model.head)
-    opt = engine.build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    optim.freeze(model.head)
+    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model.encoder[0].weight)}
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     assert n_params == 4  # conv w, conv b, bn w, bn b; head excluded
     with pytest.raises(UserError):
-        engine.build_optimizer(engine.freeze(Toy()), lr=1e-3)
+        optim.build_optimizer(optim.freeze(Toy()), lr=1e-3)
 
 
 def test_loader_order_depends_only_on_seed_and_epoch():
     data = ToyData(10)
     orders = []
     for _ in range(2):
-        loader = engine.make_loader(data, batch_size=2, train=True, workers=0, seed=3)
+        loader = loaders.make_loader(data, batch_size=2, train=True, workers=0, seed=3)
         loader.sampler.set_epoch(5)
         orders.append([i for i, _ in loader.sampler])
     assert orders[0] == orders[1] and sorted(orders[0]) == list(range(10))
@@ -151,7 +153,7 @@ def test_loader_order_depends_only_on_seed_and_epoch():
 
 
 def test_collate_keeps_variable_sizes_as_lists():
-    batch = engine.collate([{"a": torch.zeros(2), "m": torch.zeros(1, 3, 4), "p": "x", "i": 1},
+    batch = loaders.collate([{"a": torch.zeros(2), "m": torch.zeros(1, 3, 4), "p": "x", "i": 1},
                             {"a": torch.ones(2), "m": torch.zeros(1, 5, 4), "p": "y", "i": 2}])
     assert batch["a"].shape == (2, 2) and isinstance(batch["m"], list) and batch["p"] == ["x", "y"]
     assert torch.equal(batch["i"], torch.tensor([1, 2]))
@@ -160,7 +162,7 @@ def test_collate_keeps_variable_sizes_as_lists():
 def test_lars_steps_and_skips_1d_decay():
     w = nn.Parameter(torch.ones(3, 3))
     b = nn.Parameter(torch.ones(3))
-    opt = engine.LARS([w, b], lr=0.1, weight_decay=0.0, momentum=0.0, eta=0.001)
+    opt = optim.LARS([w, b], lr=0.1, weight_decay=0.0, momentum=0.0, eta=0.001)
     (w.sum() + b.sum()).backward()
     opt.step()
     # trust ratio eta*||w||/||g|| = 0.001 for w (norms equal); 1 for the bias
@@ -183,13 +185,13 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path):
 
     torch.manual_seed(0)
     model = Toy()
-    opt = engine.build_optimizer(model, lr=1e-2)
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0, seed=0)
+    opt = optim.build_optimizer(model, lr=1e-2)
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0, seed=0)
     val = (lambda m: float(-sum(losses(m, b)["ce"] for b in
-                                engine.make_loader(ToyData(), batch_size=8, train=False, workers=0))))
+                                loaders.make_loader(ToyData(), batch_size=8, train=False, workers=0))))
     kw = dict(train_loader=loader, optimizer=opt, device=torch.device("cpu"),
-              run_dir=tmp_path / "b", run_name="toy", args={"seed": 0}, epochs=2, validate=val,
-              amp=False, show_progress=False, lr_scheduler=True)
+              run=RunFiles(tmp_path / "b", "toy", config={"seed": 0}), epochs=2, validate=val,
+              options=engine.FitOptions(amp=False, show_progress=False, plateau=True))
     with pytest.raises(engine.TrainingInterrupted) as e:
         engine.fit(model, compute_losses=losses_with_kill, **kw)
     assert e.value.signum == signal.SIGTERM
@@ -205,8 +207,8 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(tmp_path):
 
 def test_sample_augmentation_independent_of_workers():
     data = ToyData(8)
-    a = next(iter(engine.make_loader(data, batch_size=8, train=True, workers=0, seed=5)))
-    b = next(iter(engine.make_loader(data, batch_size=8, train=True, workers=2, seed=5)))
+    a = next(iter(loaders.make_loader(data, batch_size=8, train=True, workers=0, seed=5)))
+    b = next(iter(loaders.make_loader(data, batch_size=8, train=True, workers=2, seed=5)))
     assert torch.equal(a["image"], b["image"])
 
 
@@ -236,11 +238,11 @@ def test_final_weights_do_not_depend_on_workers(tmp_path):
     for workers in (0, 1, 2):
         torch.manual_seed(0)
         model = DropoutToy()
-        loader = engine.make_loader(ToyData(16), batch_size=8, train=True, workers=workers, seed=3)
+        loader = loaders.make_loader(ToyData(16), batch_size=8, train=True, workers=workers, seed=3)
         engine.fit(model, train_loader=loader, compute_losses=losses,
-                   optimizer=engine.build_optimizer(model, lr=1e-2), device=torch.device("cpu"),
-                   run_dir=tmp_path / f"w{workers}", run_name="toy", args={"seed": 3}, epochs=2,
-                   amp=False, show_progress=False)
+                   optimizer=optim.build_optimizer(model, lr=1e-2), device=torch.device("cpu"),
+                   run=RunFiles(tmp_path / f"w{workers}", "toy", config={"seed": 3}), epochs=2,
+                   options=engine.FitOptions(amp=False, show_progress=False, seed=3))
         finals.append(model.state_dict())
     for other in finals[1:]:
         for name, value in finals[0].items():
@@ -251,11 +253,11 @@ def test_fit_freezes_what_it_is_given_even_with_an_optimizer_built_before(tmp_pa
     torch.manual_seed(0)
     model = Toy()
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    opt = engine.build_optimizer(model, lr=1e-1)  # built over every parameter, encoder included
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    opt = optim.build_optimizer(model, lr=1e-1)  # built over every parameter, encoder included
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0)
     engine.fit(model, train_loader=loader, compute_losses=losses, optimizer=opt,
-               device=torch.device("cpu"), run_dir=tmp_path, run_name="toy", args={"seed": 0},
-               epochs=1, amp=False, frozen=[model.encoder], show_progress=False)
+               device=torch.device("cpu"), run=RunFiles(tmp_path, "toy", config={"seed": 0}),
+               epochs=1, options=engine.FitOptions(amp=False, frozen=[model.encoder], show_progress=False))
     assert not any(p.requires_grad for p in model.encoder.parameters())
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not held & {id(p) for p in model.encoder.parameters()}

@@ -16,7 +16,6 @@ import train_detection
 import train_retrieval
 import train_segmentation
 from gissl.checkpoint import load_file
-from gissl.detection import parse_args as detection_args
 from gissl.models import build_encoder
 
 COMMON = ["--architecture", "resnet18", "--image-size", "64", "--workers", "0", "--epochs", "1",
@@ -26,7 +25,7 @@ SCRIPTS = {
     "classification": (train_classification, train_classification.get_args, ["--image-size", "32"]),
     "segmentation": (train_segmentation, train_segmentation.get_args, ["--decoder-channels", "16"]),
     "depth": (train_depth, train_depth.get_args, ["--decoder-channels", "16"]),
-    "detection": (train_detection, lambda: detection_args("train"), ["--proposals", "16", "--roi-samples", "8"]),
+    "detection": (train_detection, train_detection.get_args, ["--proposals", "16", "--roi-samples", "8"]),
     "retrieval": (train_retrieval, train_retrieval.get_args, ["--image-size", "32"]),
 }
 

@@ -9,7 +9,6 @@ configured as MoCo v3's ``vits.py vit_small`` (12 heads, qkv bias, LayerNorm eps
 sin-cos position embedding, 3-layer projector head).
 """
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -134,8 +133,9 @@ def test_vit_s_heads_follow_the_flags_through_pretrain_finetune_and_eval(tmp_pat
     assert full["model"]["encoder.blocks.0.attn.qkv.weight"].shape == (3 * 384, 384)
     for stage in ("train", "eval"):
         args = argparse.Namespace(arch="vit_s", pretraining="Hyperkvasir", ss_framework="mocov3",
-                                  checkpoint=str(run_dir / "encoder.pth"), stage=stage)
-        assert cli.encoder_from_args(args, img_size=32).num_heads == 12, stage
+                                  checkpoint=str(run_dir / "encoder.pth"), stage=stage,
+                                  pretrained_encoder=stage == "train")
+        assert cli.encoder(args, img_size=32).num_heads == 12, stage
     with pytest.raises(CheckpointError, match="written by gissl for --architecture vit_s --ss-framework mocov3 "
                                               r"\(12 attention heads\).*has 6 heads"):
         build_encoder("vit_s", "Hyperkvasir", "mae", str(run_dir / "checkpoint.pth"), img_size=32)

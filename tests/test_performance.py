@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from gissl import classification as C, cli, depth as D, engine, segmentation as S
+from gissl import classification as C, cli, depth as D, engine, loaders, optim, segmentation as S
 from gissl.errors import UserError
 from gissl.metrics import classification_metrics, summarize_segmentation
 from gissl.models import build_encoder
@@ -38,7 +38,7 @@ def samples(task):
 
 
 def loader(data, batch_size):
-    return engine.make_loader(data, batch_size=batch_size, train=False, workers=0)
+    return loaders.make_loader(data, batch_size=batch_size, train=False, workers=0)
 
 
 def dpt(task):
@@ -94,7 +94,7 @@ def test_classification_predict_amp_runs_in_bf16_on_cpu():
 
 def test_channels_last_keeps_parameters_and_optimizer():
     model = build_encoder("resnet18")
-    opt = engine.build_optimizer(model, 1e-3)
+    opt = optim.build_optimizer(model, 1e-3)
     before = [id(p) for p in model.parameters()]
     engine.to_channels_last(model, "cpu", True)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -156,17 +156,18 @@ def test_compiled_eval_gives_the_eager_metrics():
 
 def test_eval_compile_reaches_detection_and_retrieval_models(monkeypatch):
     """eval --compile compiles what eval runs: the detector's backbone, the retrieval embed()."""
+    import eval_detection
     import eval_retrieval
-    from gissl import detection as det, retrieval as R
     compiled = []
-    monkeypatch.setattr(engine, "compile_model", lambda fn, device: compiled.append(fn) or fn)
-    args = det.parse_args("eval", ["--architecture", "resnet18", "--image-size", "64", "--compile"])
-    args.num_classes = 2  # set by build_datasets in eval_detection.py
-    monkeypatch.setattr(cli, "load_trained", lambda model, args, **kw: None)
-    model = det.load_model(args, torch.device("cpu"))
+    monkeypatch.setattr(eval_detection, "compile_model", lambda fn, device: compiled.append(fn) or fn)
+    monkeypatch.setattr(eval_retrieval, "compile_model", lambda fn, device: compiled.append(fn) or fn)
+    args = eval_detection.get_args(["--architecture", "resnet18", "--image-size", "64", "--compile"])
+    monkeypatch.setattr(cli, "finetuned", lambda args, *a, **kw: ({"model": {}}, "x.pth"))
+    monkeypatch.setattr(cli, "load_weights", lambda model, state, path: model)
+    _, model = eval_detection.load(args, torch.device("cpu"))
     assert compiled == [model.backbone] and not model.training
-    monkeypatch.setattr("sys.argv", ["eval_retrieval.py", "--architecture", "resnet18", "--image-size", "32",
-                                     "--untrained", "--compile", "--device", "cpu"])
-    model = R.load_model(eval_retrieval.get_args(), torch.device("cpu"))
+    model = eval_retrieval.load(eval_retrieval.get_args(["--architecture", "resnet18", "--image-size", "32",
+                                                         "--untrained", "--compile", "--device", "cpu"]),
+                                torch.device("cpu"))
     assert len(compiled) == 2 and compiled[-1] == model.embed and "embed" in vars(model)  # set on the model
     assert not model.training

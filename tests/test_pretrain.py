@@ -65,7 +65,8 @@ def test_pretrain_writes_loadable_checkpoints(framework, image_folder, tmp_path,
         args = _parse(train_segmentation, monkeypatch, [
             "--architecture", arch, "--pretraining", "Hyperkvasir", "--ss-framework", framework,
             "--checkpoint", str(out / name), "--image-size", "32"])
-        model = segmentation.build_segmentation_model(args)
+        model = segmentation.build_model(cli.encoder(args, img_size=32),
+                                         **cli.model_kwargs(segmentation.build_model, args))
         for k, v in model.encoder.state_dict().items():
             assert torch.equal(v, encoder[k]), (name, k)
     if framework == "mocov3":

@@ -3,7 +3,7 @@ determinism, non-finite losses, distributed faults, unwritable or full output fo
 
 The subprocess tests run the real ``train_classification.py`` (resnet18, 32 px, built-in
 synthetic data, CPU, ``--deterministic``) and inject crashes through ``GISSL_FAULT``
-(test-only; see ``gissl.engine._Fault``). Every resumed run must end with weights equal,
+(test-only, through the engine's hooks: see ``tests/faults.py``). Every resumed run must end with weights equal,
 bit for bit, to one uninterrupted run, and no ``*.pth`` file may ever be unreadable.
 """
 import ctypes
@@ -21,7 +21,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gissl import engine
+from gissl import engine, loaders, optim, runfiles
+from gissl.runfiles import RunFiles
 from gissl.checkpoint import load_file, save_atomic
 from gissl.errors import UserError
 
@@ -29,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NAME = "resnet18-random_init-frozen_False-dataset_Hyperkvasir_anatomical"
 # 192 training images / batch 32 = 6 optimiser steps per epoch, 2 epochs
-TRAIN = [os.path.join(ROOT, "train_classification.py"), "--architecture", "resnet18",
+# run through tests/faults.py, which installs the GISSL_FAULT fault on the engine's hooks
+TRAIN = [os.path.join(HERE, "faults.py"), os.path.join(ROOT, "train_classification.py"), "--architecture", "resnet18",
          "--dataset", "Hyperkvasir_anatomical", "--image-size", "32", "--epochs", "2",
          "--batch-size", "32", "--learning-rate", "1e-3", "--workers", "0", "--device", "cpu",
          "--deterministic"]
@@ -235,11 +237,11 @@ def nan_at(*steps, seen=None):
 def fit_toy(run_dir, compute, epochs=2, skip=0, **kw):
     torch.manual_seed(0)
     model = Toy()
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0, seed=0)
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0, seed=0)
     return model, engine.fit(
-        model, train_loader=loader, compute_losses=compute, optimizer=engine.build_optimizer(model, lr=1e-2),
-        device=torch.device("cpu"), run_dir=run_dir, run_name="toy", args={"seed": 0, "skip_nonfinite": skip},
-        epochs=epochs, amp=False, show_progress=False, **kw)
+        model, train_loader=loader, compute_losses=compute, optimizer=optim.build_optimizer(model, lr=1e-2),
+        device=torch.device("cpu"), run=RunFiles(run_dir, "toy", config={"seed": 0, "skip_nonfinite": skip}),
+        epochs=epochs, options=engine.FitOptions(amp=False, show_progress=False, skip_nonfinite=skip, **kw))
 
 
 def test_skip_nonfinite_skips_the_step_and_counts_over_resume(tmp_path, capsys):
@@ -285,10 +287,10 @@ def test_skipped_step_lowers_the_fp16_loss_scale():
     model = Toy()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     guard = engine.NonFiniteGuard(1)
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
-    engine.train_one_epoch(model, loader, engine.build_optimizer(model, lr=1e-2), nan_at(2),
-                           device=torch.device("cpu"), epoch=1, scaler=scaler, amp=False,
-                           show_progress=False, nonfinite=guard)
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    engine.train_one_epoch(model, loader, optim.build_optimizer(model, lr=1e-2), nan_at(2),
+                           device=torch.device("cpu"), epoch=1, scaler=scaler, nonfinite=guard,
+                           options=engine.FitOptions(amp=False, show_progress=False))
     assert guard.skipped == 1 and scaler.get_scale() == 512.0  # backoff 0.5, as for inf gradients
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -300,12 +302,12 @@ def test_gpu_policy_checks_log_steps_and_gives_the_range():
     assert not guard.every_step and engine.NonFiniteGuard(1, device="cuda").every_step
     torch.manual_seed(0)
     model = Toy()
-    loader = engine.make_loader(ToyData(), batch_size=8, train=True, workers=0)
+    loader = loaders.make_loader(ToyData(), batch_size=8, train=True, workers=0)
     # NaN at step 2 (unchecked) poisons the weights; the check at the epoch's last step finds it
     with pytest.raises(engine.NonFiniteLossError, match="between steps 2 and 3"):
-        engine.train_one_epoch(model, loader, engine.build_optimizer(model, lr=1e-2), nan_at(2),
-                               device=torch.device("cpu"), epoch=1, amp=False, show_progress=False,
-                               nonfinite=guard)
+        engine.train_one_epoch(model, loader, optim.build_optimizer(model, lr=1e-2), nan_at(2),
+                               device=torch.device("cpu"), epoch=1, nonfinite=guard,
+                               options=engine.FitOptions(amp=False, show_progress=False))
 
 
 def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -337,7 +339,7 @@ def test_unwritable_output_folder_in_process(tmp_path, monkeypatch):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "open", read_only, raising=False)
+    monkeypatch.setattr(runfiles, "open", read_only, raising=False)
     calls = []
     with pytest.raises(UserError, match="cannot write to output folder .*Permission denied.*--output-dir"):
         fit_toy(tmp_path, lambda m, b: calls.append(1), epochs=2)
@@ -353,13 +355,16 @@ def test_no_room_for_checkpoints_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_fault_hook_is_off_without_the_variable(monkeypatch):
+    sys.path.insert(0, HERE)
+    from faults import Fault
     monkeypatch.delenv("GISSL_FAULT", raising=False)
-    assert engine._Fault.from_env() is None
+    assert Fault.from_env() is None
     monkeypatch.setenv("GISSL_FAULT", "kill_after_step:3@1")  # another rank's fault
-    assert engine._Fault.from_env() is None
+    assert Fault.from_env() is None
     monkeypatch.setenv("GISSL_FAULT", "raise_after_step:2")
     with pytest.raises(RuntimeError, match="injected fault"):
-        engine._Fault.from_env().after_step(2)
+        Fault.from_env().after_step(2)
+    assert not any(engine.HOOKS.values())  # nothing was installed in this process
 
 
 # --------------------------------------------------------------------------- distributed

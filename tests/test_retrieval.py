@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gissl.errors import UserError
-from gissl.retrieval import (DescriptorIndex, DescriptorTransform, exact_topk, neighbour_vote,
-                             patch_coverage, polyp_aware_masking, recall_at_k, vote_sentence)
+from gissl.retrieval import neighbour_vote, patch_coverage, polyp_aware_masking, vote_sentence
+from gissl.search import DescriptorIndex, DescriptorTransform, exact_topk, recall_at_k
 
 
 def _unit(x):

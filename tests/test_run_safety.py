@@ -14,6 +14,7 @@ import train_segmentation
 from gissl import cli
 from gissl import segmentation as seg
 from gissl.checkpoint import load_file
+from gissl.data import build_segmentation_datasets
 from gissl.data.synthetic import generate
 
 FLAGS = ["--architecture", "resnet18", "--image-size", "32", "--decoder-channels", "8",
@@ -27,13 +28,8 @@ SCRIPTS = ["eval_classification", "eval_detection", "eval_segmentation", "eval_d
 def run_script(module, argv, monkeypatch):
     """The script as its ``__main__`` runs it (``cli.run``); returns the exit code."""
     monkeypatch.setattr(sys, "argv", [module.__file__] + argv)
-    if hasattr(module, "get_args"):
-        get_args = module.get_args
-    else:  # detection's scripts parse with the stage
-        from gissl import detection
-        get_args = lambda: detection.parse_args(module.__name__.split("_")[0])  # noqa: E731
     try:
-        cli.run(module.main, get_args)
+        cli.run(module.main, module.get_args)
     except SystemExit as e:
         return e.code
     return 0
@@ -76,10 +72,10 @@ def test_log_names_loss_and_metric_and_changed_data_stops_resume(roots, tmp_path
     # the logged value is the validation Dice of the saved model, recomputed here per image
     monkeypatch.setattr(sys, "argv", ["train_segmentation.py"] + first)
     args = train_segmentation.get_args()
-    model = seg.build_segmentation_model(args)
+    model = seg.build_model(cli.encoder(args, img_size=args.image_size), **cli.model_kwargs(seg.build_model, args))
     model.load_state_dict(load_file(out / f"{NAME}.pth")["model"])
-    val = seg.datasets(args, original=True)["val"]
-    out_eval = seg.evaluate(model.eval(), seg.loader(val, args, torch.device("cpu")), torch.device("cpu"),
+    val = build_segmentation_datasets(args.dataset, args.data_root, image_size=args.image_size, original=True)["val"]
+    out_eval = seg.evaluate(model.eval(), cli.eval_loader(args, val, torch.device("cpu")), torch.device("cpu"),
                             amp=False, keep_masks=True)
     scores = []
     for path, pred in zip(out_eval["paths"], out_eval["masks"]):

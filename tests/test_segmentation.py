@@ -11,9 +11,10 @@ from PIL import Image
 import eval_segmentation
 import predict_segmentation
 import train_segmentation
+from gissl import cli
 from gissl import segmentation as seg
 from gissl.data.synthetic import generate
-from gissl.engine import collate
+from gissl.loaders import collate
 
 MODEL_FLAGS = ["--architecture", "resnet18", "--image-size", "64", "--decoder-channels", "32",
                "--workers", "0", "--batch-size", "4"]
@@ -67,11 +68,11 @@ def test_evaluate_is_per_image_at_original_size_and_batch_independent():
 
 def test_list_id_follows_the_reference():
     args = Namespace(arch="vit_b", pretraining="Hyperkvasir", ss_framework="mae", dataset="Kvasir")
-    assert seg.list_id(args) == "VT_HK_MA_Kvasir"
+    assert cli.list_name(args) == "VT_HK_MA_Kvasir"
     args = Namespace(arch="resnet50", pretraining="ImageNet_class", ss_framework=None, dataset="CVC")
-    assert seg.list_id(args) == "RN_IN_SL_CVC"
+    assert cli.list_name(args) == "RN_IN_SL_CVC"
     args = Namespace(arch="resnet18", pretraining="random", ss_framework=None, dataset="Kvasir")
-    assert seg.list_id(args) == "RN18_NA_NA_Kvasir"
+    assert cli.list_name(args) == "RN18_NA_NA_Kvasir"
 
 
 def test_compute_losses_terms():

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from gissl import losses
-from gissl.engine import build_optimizer
+from gissl.optim import build_optimizer
 from gissl.models import build_encoder, load_pretrained
 from gissl.ssl import (FRAMEWORKS, build_ssl_model, cosine_momentum, export_encoder, recipe,
                        warmup_cosine)

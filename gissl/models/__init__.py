@@ -17,7 +17,7 @@ from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
 from gissl.models.vit import VisionTransformer, vit_b, vit_s, vit_t
 
 __all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "load_pretrained",
-           "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "ResNetEncoder", "VisionTransformer"]
+           "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "family", "check_combination", "ResNetEncoder", "VisionTransformer"]
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "vit_t": vit_t, "vit_s": vit_s, "vit_b": vit_b}
 PRETRAININGS = ("Hyperkvasir", "ImageNet_self", "ImageNet_class", "random")
@@ -27,9 +27,9 @@ SS_FRAMEWORKS = {"mocov3": ("resnet", "vit"), "barlowtwins": ("resnet",), "mae":
                  "simsiam": ("resnet",), "fpsiam": ("resnet",)}
 
 # ImageNet-supervised weight files looked for in the torch hub cache, first found wins.
-# ResNet: torchvision's files (V1 first: the reference used V1, SSL4GIE §3.1).
+# ResNet: torchvision's files (V1 first: the reference used V1, docs/ssl4gie.md §3.1).
 # ViT: timm state dicts saved as .pth / .safetensors; augreg in21k→in1k is the reference's
-# choice (SSL4GIE §3.3), augreg2 is timm's current default for vit_base_patch16_224.
+# choice (docs/ssl4gie.md §3.3), augreg2 is timm's current default for vit_base_patch16_224.
 IMAGENET_CLASS_FILES = {
     "resnet18": ["resnet18-f37072fd.pth", "resnet18-5c106cde.pth"],
     "resnet50": ["resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth", "resnet50-19c8e357.pth"],
@@ -64,7 +64,8 @@ def is_vit(architecture):
     return architecture.startswith("vit")
 
 
-def _family(architecture):
+def family(architecture):
+    """``"vit"`` or ``"resnet"``: the encoder family of an architecture name (the one family test)."""
     return "vit" if is_vit(architecture) else "resnet"
 
 
@@ -107,30 +108,34 @@ def build_encoder(architecture, pretraining="random", ss_framework=None, checkpo
 
 
 def check_combination(architecture, pretraining="random", ss_framework=None, checkpoint=None):
-    """Raise :class:`UserError` for an invalid architecture / pretraining / framework / file combination."""
+    """Raise :class:`UserError` for an invalid architecture / pretraining / framework / file
+    combination (the one place these rules live; ``gissl.cli`` and ``build_encoder`` use it)."""
     if architecture not in ARCHITECTURES:
         raise UserError(f"unknown architecture '{architecture}'; choose from {', '.join(sorted(ARCHITECTURES))}")
     if pretraining not in PRETRAININGS:
         raise UserError(f"unknown pretraining '{pretraining}'; choose from {', '.join(PRETRAININGS)}")
-    if pretraining in ("Hyperkvasir", "ImageNet_self"):
-        if ss_framework is None or checkpoint is None:
-            raise UserError(
-                f"--pretraining {pretraining} loads self-supervised weights: give both --ss-framework "
-                f"({', '.join(SS_FRAMEWORKS)}) and --checkpoint PATH (e.g. the encoder.pth written by pretrain.py)")
+    if ss_framework is not None:
         if ss_framework not in SS_FRAMEWORKS:
             raise UserError(f"unknown --ss-framework '{ss_framework}'; choose from {', '.join(SS_FRAMEWORKS)}")
         families = SS_FRAMEWORKS[ss_framework]
-        if _family(architecture) not in families:
-            fits = [a for a in sorted(ARCHITECTURES) if _family(a) in families]
-            raise UserError(f"--ss-framework {ss_framework} trains {' or '.join(SS_FRAMEWORKS[ss_framework])} "
-                            f"encoders, not {architecture}; use --architecture {' / '.join(fits)}")
-    else:
-        if ss_framework is not None:
-            raise UserError(f"--ss-framework is only used with --pretraining Hyperkvasir or ImageNet_self, "
-                            f"not {pretraining}; drop it or change --pretraining")
-        if pretraining == "random" and checkpoint is not None:
-            raise UserError("--checkpoint given with --pretraining random would be ignored; use --pretraining "
-                            "Hyperkvasir / ImageNet_self (with --ss-framework) or ImageNet_class to load it")
+        if family(architecture) not in families:
+            fits = [a for a in sorted(ARCHITECTURES) if family(a) in families]
+            raise UserError(f"--ss-framework {ss_framework} does not apply to --architecture {architecture}: "
+                            f"{ss_framework} trains {' or '.join(families)} encoders, not {architecture}; "
+                            f"use --architecture {' / '.join(fits)}")
+    if pretraining in ("Hyperkvasir", "ImageNet_self"):
+        if ss_framework is None or checkpoint is None:
+            missing = "--ss-framework" if ss_framework is None else "--checkpoint"
+            raise UserError(
+                f"--pretraining {pretraining} needs {missing}: it loads self-supervised weights, so give both "
+                f"--ss-framework ({', '.join(SS_FRAMEWORKS)}) and --checkpoint PATH (e.g. the encoder.pth written "
+                "by pretrain.py)")
+    elif ss_framework is not None:
+        raise UserError(f"--ss-framework is only used with --pretraining Hyperkvasir or ImageNet_self, "
+                        f"not {pretraining}; drop it or change --pretraining")
+    elif pretraining == "random" and checkpoint is not None:
+        raise UserError("--checkpoint given with --pretraining random would be ignored; use --pretraining "
+                        "Hyperkvasir / ImageNet_self (with --ss-framework) or ImageNet_class to load it")
 
 
 def imagenet_class_file(architecture):

@@ -166,9 +166,9 @@ def _check_described_architecture(obj, encoder, path):
                 f"attention heads, but the encoder being built is {built} with {heads} heads; load it with "
                 f"--architecture {want[0]} --ss-framework mocov3 (which builds MoCo v3's {want[1]}-head model)")
         return
-    args = obj.get("args")
-    if isinstance(args, dict) and isinstance(args.get("arch"), str) and isinstance(obj.get("model"), dict):
-        arch, framework = args["arch"], args.get("ss_framework")
+    settings = obj.get("args")  # the flags gissl's training stored
+    if isinstance(settings, dict) and isinstance(settings.get("arch"), str) and isinstance(obj.get("model"), dict):
+        arch, framework = settings["arch"], settings.get("ss_framework")
         if arch == built and vit_num_heads(arch, framework) not in (None, heads):
             raise CheckpointError(
                 f"checkpoint '{path}' was written by gissl for --architecture {arch} --ss-framework {framework} "

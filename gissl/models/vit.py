@@ -2,7 +2,7 @@
 
 Parameter names equal timm's ``vit_base_patch16_224`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``),
-so timm, MoCo v3 and MAE weights load without renaming (SSL4GIE §3.3: patch 16, MLP ratio 4,
+so timm, MoCo v3 and MAE weights load without renaming (docs/ssl4gie.md §3.3: patch 16, MLP ratio 4,
 qkv bias, LayerNorm eps 1e-6). Attention runs through ``F.scaled_dot_product_attention``
 (except CPU training, see :func:`attention`).
 Any input whose height and width are multiples of 16 works: the patch part of the position
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from gissl.errors import UserError
 
-# Blocks tapped for dense tasks (DPT, SSL4GIE §3.3): the 3rd/6th/9th/12th of 12 blocks.
+# Blocks tapped for dense tasks (DPT, docs/ssl4gie.md §3.3): the 3rd/6th/9th/12th of 12 blocks.
 OUT_INDICES = (2, 5, 8, 11)
 # Longest sequence for which CPU training uses the explicit attention of :func:`attention`
 # (its (N, heads, L, L) score matrix grows as L²; 1024 tokens = a 512x512 image).
@@ -219,7 +219,7 @@ class VisionTransformer(nn.Module):
     def set_window_attention(self, window_size, blocks=None):
         """Use attention in window_size×window_size token windows in ``blocks``, global elsewhere.
 
-        ``blocks=None`` picks every block not in ``out_indices`` (ViTDet / SSL4GIE §3.4 pattern:
+        ``blocks=None`` picks every block not in ``out_indices`` (ViTDet / docs/ssl4gie.md §3.4 pattern:
         global attention stays in the tapped blocks). ``window_size=None`` makes all blocks global.
         Parameter names do not change, so weights load either way.
         """
@@ -286,6 +286,6 @@ def vit_s(img_size=224, num_heads=6):
 
 
 def vit_b(img_size=224, num_heads=12):
-    """ViT-B/16: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch16_224``, SSL4GIE §3.3)."""
+    """ViT-B/16: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch16_224``, docs/ssl4gie.md §3.3)."""
     return VisionTransformer(embed_dim=768, depth=12, num_heads=num_heads, img_size=img_size,
                              architecture="vit_b")

@@ -34,7 +34,7 @@ RECIPES = {
     ("mae", "vit"): dict(optimizer="adamw", blr=1.5e-4, weight_decay=0.05, warmup=40, paper_epochs=800,
                          betas=(0.9, 0.95)),
     # SimSiam §3: SGD momentum 0.9, lr 0.05 x B/256, wd 1e-4, cosine without warm-up, the
-    # predictor at a fixed lr (§4.3 footnote); FPSiam the same (other-methods.md a.1).
+    # predictor at a fixed lr (§4.3 footnote); FPSiam the same (docs/fpsiam.md §a.1).
     ("simsiam", "resnet"): dict(optimizer="sgd", blr=0.05, weight_decay=1e-4, warmup=0, paper_epochs=100,
                                 fixed_predictor_lr=True),
     ("fpsiam", "resnet"): dict(optimizer="sgd", blr=0.05, weight_decay=1e-4, warmup=0, paper_epochs=200,
@@ -44,8 +44,8 @@ RECIPES = {
 
 def family(encoder_or_arch):
     """``"vit"`` or ``"resnet"`` for an encoder or an architecture name."""
-    name = encoder_or_arch if isinstance(encoder_or_arch, str) else encoder_or_arch.architecture
-    return "vit" if name.startswith("vit") else "resnet"
+    from gissl.models import family as arch_family
+    return arch_family(encoder_or_arch if isinstance(encoder_or_arch, str) else encoder_or_arch.architecture)
 
 
 def recipe(framework, architecture):

@@ -60,7 +60,7 @@ def byol_views(image_size=224, min_scale=0.08, color=1.0):
 
 
 def simsiam_views(image_size=224, min_scale=0.2, color=1.0):
-    """SimSiam §A (also FPSiam, other-methods.md a.1): two views from one pipeline: crop scale
+    """SimSiam §A (also FPSiam, docs/fpsiam.md §a.1): two views from one pipeline: crop scale
     U(0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5, flip."""
     view = _view(image_size, min_scale, (0.4, 0.4, 0.4, 0.1), 0.5, color=color)
     return Views(view, view)

@@ -1,6 +1,6 @@
 """SimSiam (Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021) and
 FPSiam (Gan et al., "Self-supervised representation learning using feature pyramid siamese
-networks for colorectal polyp detection"; other-methods.md (a))."""
+networks for colorectal polyp detection"; docs/fpsiam.md)."""
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -39,7 +39,7 @@ class SimSiam(nn.Module):
 
 
 class FPN(nn.Module):
-    """FPSiam's feature pyramid over C2-C5 (other-methods.md a.1): 1x1 lateral convs to
+    """FPSiam's feature pyramid over C2-C5 (docs/fpsiam.md §a.1): 1x1 lateral convs to
     ``channels``, a nearest-upsampling top-down pathway, and 3x3 output convs on P2 (finest,
     with all top-down context) and P5 (coarsest lateral) only.
 
@@ -68,7 +68,7 @@ class FPN(nn.Module):
 class FPSiam(nn.Module):
     """forward(x1, x2) -> {"local": lam * L(P2), "global": (1 - lam) * L(P5)}, each L the SimSiam
     loss on the global-average-pooled level, with one projector and one predictor shared by
-    both levels; lam = 0.5 (other-methods.md a.1)."""
+    both levels; lam = 0.5 (docs/fpsiam.md §a.1)."""
 
     def __init__(self, encoder, *, fpn_channels=256, dim=2048, pred_dim=512, lam=0.5):
         super().__init__()

@@ -150,3 +150,198 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- what a file is
+
+# the settings of a gissl run worth showing (the identity flags eval rebuilds the model from)
+_SHOWN_FLAGS = ("task", "arch", "pretraining", "ss_framework", "frozen", "dataset", "image_size")
+_SHOWN_SCALARS = ("epoch", "best_metric", "best_epoch", "global_step")
+
+
+def describe_checkpoint(path, architecture=None, ss_framework=None):
+    """Say what checkpoint ``path`` is, read as data only, without building a model.
+
+    Returns plain data: ``{"path", "format", "bytes", "layout", "what", "stored", "encoder",
+    "refused"}``; ``encoder`` is :func:`gissl.models.pretrained.inspect_encoder`'s report (the
+    prefix the loader chooses, the architecture held, dropped keys, the strict fit into
+    ``architecture``). Raises :class:`CheckpointError` for a missing file or one that is not a
+    checkpoint.
+    """
+    from gissl.models.pretrained import inspect_encoder  # that module imports this one
+    path = os.fspath(path)
+    out = {"path": path, "format": None, "bytes": os.path.getsize(path) if os.path.isfile(path) else None,
+           "layout": None, "what": None, "stored": {}, "encoder": None, "refused": None}
+    try:
+        obj = load_file(path)
+    except CheckpointError as e:
+        if not (os.path.isfile(path) and zipfile.is_zipfile(path) and _is_torchscript(path)):
+            raise
+        # a program, not data: name the modules its code/ folder holds; nothing is unpickled
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        modules = sorted({n.split("/code/__torch__/", 1)[1].rsplit(".", 1)[0].replace("/", ".")
+                          for n in names if "/code/__torch__/" in n and n.endswith(".py")})
+        out.update(format="TorchScript archive (torch.jit.save)", layout="torchscript", refused=str(e),
+                   what="TorchScript program, not a checkpoint of weights"
+                        + (f" (code: {', '.join(modules)})" if modules else ""))
+        return out
+    out["format"] = _file_format(path)
+    out["encoder"] = enc = inspect_encoder(obj, path, architecture, ss_framework)
+    out["layout"], out["what"] = _layout(obj, path, enc)
+    out["stored"] = _stored(obj, out["layout"])
+    out["refused"] = enc["refused"]
+    return out
+
+
+def _file_format(path):
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    with open(path, "rb") as f:
+        return "torch.save archive" if f.read(2) == b"PK" else "torch.save pickle (legacy format)"
+
+
+def _layout(obj, path, enc):
+    """(short name, sentence) of the layout: which training code writes files like this one."""
+    prefix, container = enc["prefix"], enc["container"]
+    top = obj if isinstance(obj, dict) else {}
+    state = top.get(container) if container else obj
+    keys = list(state)
+    settings = top.get("args")
+    epoch = f", epoch {top['epoch']}" if isinstance(top.get("epoch"), int) else ""
+    if container == "teacher":
+        return "dino", f"DINO main_dino.py training checkpoint (student/teacher{epoch})"
+    if container == "state_dict" and prefix.startswith("module.base_encoder."):
+        return "mocov3", f"MoCo v3 main_moco.py checkpoint ('arch' {top.get('arch')!r}{epoch})"
+    if container == "state_dict" and "encoder_q" in prefix:
+        return "mocov2", f"MoCo v1/v2 main_moco.py checkpoint ('arch' {top.get('arch')!r}{epoch})"
+    if container == "model":
+        task = settings.get("task") if isinstance(settings, dict) else None
+        ssl = any(k.startswith(("momentum_encoder.", "projector.", "predictor.")) for k in keys)
+        if task == "pretraining" or (prefix == "encoder." and ssl and task is None):
+            return "gissl-pretrain", f"gissl pretrain.py full training state (checkpoint.pth{epoch})"
+        if prefix == "encoder.":
+            what = f"train_{task}.py" if task else "a train_<task>.py script (no stored flags)"
+            return "gissl-finetuned", f"gissl finetuned checkpoint written by {what}{epoch}"
+        if prefix == "module.backbone." and any(k.startswith("module.projector.") for k in keys):
+            return "barlowtwins", f"Barlow Twins main.py training checkpoint (DDP backbone + projector{epoch})"
+        if prefix == "" and any(k.startswith("decoder_") or k == "mask_token" for k in keys):
+            return "mae-pretrain", f"MAE main_pretrain.py checkpoint (encoder + decoder{epoch})"
+        if prefix == "" and enc["family"] == "vit":
+            return "mae-release", "{'model': ViT state dict} (MAE's released mae_pretrain_vit_*.pth layout)"
+    if container is None and prefix == "backbone." and "backbone.fc.weight" in state:
+        dims = state["backbone.fc.weight"].shape[0]
+        return "sscd-torchvision", f"SSCD torchvision weights (sscd Model 'TV_*': backbone.* with a {dims}-d " \
+                                   "descriptor fc)"
+    if container is None and prefix == "":
+        head = "fc" if enc["family"] == "resnet" else "head"
+        weight = state.get(f"{head}.weight")
+        if weight is not None and weight.dim() == 2:
+            name, lib = ("torchvision", "torchvision ResNet") if head == "fc" else ("timm", "timm VisionTransformer")
+            return name, f"{lib} state dict with a {weight.shape[0]}-class {head} classifier"
+        if any(k.startswith(f"{head}.0.") for k in keys):
+            return "ssl-extracted", f"flat encoder with its SSL projector ({head}.*), e.g. an extracted MoCo v3 " \
+                                    "base encoder"
+        named = "gissl pretrain.py encoder.pth: " if os.path.basename(path) == "encoder.pth" else ""
+        return "flat-encoder", f"{named}flat encoder state dict (gissl encoder.pth, Barlow Twins resnet50.pth, " \
+                               "DINO's released backbones, an extracted MoCo v3 base encoder)"
+    where = f"under '{container}'" if container else "flat"
+    return "state-dict", f"state dict of tensors ({where}) from no training code gissl names"
+
+
+def _stored(obj, layout):
+    """What the file stores besides the weights: gissl's flags, a run's epoch / metric, other entries."""
+    if not isinstance(obj, dict) or all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {}
+    settings = obj.get("args")
+    if isinstance(settings, argparse.Namespace):
+        settings = vars(settings)
+    out = {k: obj[k] for k in _SHOWN_SCALARS if isinstance(obj.get(k), (int, float, str))}
+    if isinstance(settings, dict) and layout.startswith("gissl"):
+        out.update({k: settings[k] for k in _SHOWN_FLAGS if k in settings})
+    elif isinstance(settings, dict):
+        out.update({k: settings[k] for k in ("model", "arch", "patch_size", "input_size") if k in settings})
+    if isinstance(obj.get("arch"), str):
+        out["arch"] = obj["arch"]
+    out["entries"] = list(obj)
+    return out
+
+
+def format_description(d):
+    """The human-readable block ``python -m gissl.checkpoint`` prints for :func:`describe_checkpoint`."""
+    size = "" if d["bytes"] is None else f", {d['bytes'] / 2**20:.1f} MiB" if d["bytes"] >= 2**20 else \
+        f", {d['bytes'] / 2**10:.1f} KiB"
+    lines = [f"file        {d['path']} ({d['format']}{size})", f"layout      {d['what']}"]
+    stored = {k: v for k, v in d["stored"].items() if k != "entries"}
+    if stored:
+        lines.append("stored      " + ", ".join(f"{k} {v}" for k, v in stored.items()))
+    if d["stored"].get("entries"):
+        lines.append("entries     " + ", ".join(d["stored"]["entries"]))
+    enc = d["encoder"]
+    if enc is not None:
+        where = f"'{enc['container']}'" if enc["container"] else "the file"
+        lines.append(f"tensors     {enc['tensors']} in {where}, {enc['values'] / 1e6:.2f}M values")
+        under = f"under '{enc['prefix']}'" if enc["prefix"] else "at the top level (no prefix)"
+        lines.append(f"encoder     {under}: {enc['holds']}; {enc['encoder_tensors']} tensors, "
+                     f"{enc['encoder_parameters'] / 1e6:.2f}M values")
+        if enc["stated"]["text"]:
+            lines.append(f"file says   {enc['stated']['text']}")
+        if enc["dropped"] or enc["outside"]:
+            parts = ([f"under the prefix: {', '.join(enc['dropped'])}"] if enc["dropped"] else []) + \
+                    ([f"beside the encoder: {', '.join(enc['outside'])}"] if enc["outside"] else [])
+            lines.append("dropped     " + "; ".join(parts))
+        lines.append("gissl       " + _fit_line(enc))
+    if d["refused"]:
+        lines.append(f"refused     {d['refused']}")
+    return "\n".join(lines)
+
+
+def _fit_line(enc):
+    fit = enc["fit"]
+    flags = f"--architecture {fit['architecture']}" + (f" --ss-framework {fit['ss_framework']}"
+                                                        if fit["ss_framework"] else "")
+    if fit["loads"] or (enc["architecture"] and not fit["given"]):
+        how = "loads strictly" if fit["loads"] else "the keys fit, but the loader refuses the file (below)"
+        return f"{flags}: {how}"
+    if fit["error"]:
+        return f"{flags}: does not load: {fit['error']}" if fit["given"] else f"the loader refuses it: {fit['error']}"
+    parts = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+             for what, keys in (("missing", fit["missing"]), ("unexpected", fit["unexpected"]),
+                                ("mis-shaped", fit["misshaped"])) if keys]
+    head = f"{flags}: does not load strictly" if fit["given"] else \
+        f"no gissl architecture fits; the closest, {flags}, differs"
+    return f"{head}: {'; '.join(parts)}"
+
+
+def main(argv=None):
+    """``python -m gissl.checkpoint FILE [--architecture A] [--ss-framework F] [--json]``: exit 0
+    when the file was understood, 2 with one ``error: ...`` line otherwise."""
+    import json
+    import sys
+
+    from gissl.errors import UserError
+    from gissl.models import ARCHITECTURES, SS_FRAMEWORKS, check_combination
+    parser = argparse.ArgumentParser(
+        prog="python -m gissl.checkpoint",
+        description="Say what a checkpoint file is (its layout, where the encoder sits, the architecture it "
+                    "holds, the keys the loader drops) without building a model; the file is read as data only.")
+    parser.add_argument("path", help="a .pth / .pth.tar / .pt / .safetensors file")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES),
+                        help="also check that the file loads strictly into this encoder (naming the keys if not)")
+    parser.add_argument("--ss-framework", choices=sorted(SS_FRAMEWORKS),
+                        help="the framework the encoder is built for (MoCo v3's vit_s has 12 attention heads)")
+    parser.add_argument("--json", action="store_true", help="print the same as JSON")
+    flags = vars(parser.parse_args(argv))
+    try:
+        if flags["architecture"] and flags["ss_framework"]:
+            check_combination(flags["architecture"], "Hyperkvasir", flags["ss_framework"], flags["path"])
+        d = describe_checkpoint(flags["path"], flags["architecture"], flags["ss_framework"])
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(d, indent=2, default=str) if flags["json"] else format_description(d))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,7 +56,23 @@ def load_pretrained(encoder, path, ss_framework=None):
     """
     obj = load_file(path)
     _check_described_architecture(obj, encoder, path)
-    state = _find_state_dict(obj, path)
+    plan = match_encoder(encoder, _find_state_dict(obj, path), path)
+    prefix, weights = plan["prefix"], plan["weights"]
+    if plan["missing"] or plan["unexpected"] or plan["misshaped"]:
+        raise CheckpointError(_mismatch_message(encoder, path, prefix, weights, plan["missing"], plan["unexpected"],
+                                                plan["misshaped"], ss_framework))
+    _check_finite(weights, path, "encoder ")
+    encoder.load_state_dict(weights, strict=True)
+    return {"prefix": prefix, "loaded": len(weights), "dropped": plan["dropped"]}
+
+
+def match_encoder(encoder, state, path):
+    """What :func:`load_pretrained` would load from the flat state dict ``state`` into ``encoder``,
+    without loading it: ``{"prefix", "weights", "dropped", "missing", "unexpected", "misshaped"}``.
+
+    ``weights`` are the file's tensors renamed to the encoder's names (heads dropped, BatchNorm
+    counters added, ``pos_embed`` interpolated); ``encoder`` may live on the meta device.
+    """
     expected = encoder.state_dict()
     prefix = _encoder_prefix(state, expected.keys(), path)
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -73,17 +89,117 @@ def load_pretrained(encoder, path, ss_framework=None):
             weights[k] = v.clone()
     if "pos_embed" in weights and "pos_embed" in expected:
         weights["pos_embed"] = _fit_pos_embed(weights["pos_embed"], encoder, path)
-
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     misshaped = [f"{k} (file {tuple(weights[k].shape)}, model {tuple(v.shape)})"
                  for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        raise CheckpointError(_mismatch_message(encoder, path, prefix, weights, missing, unexpected,
-                                                misshaped, ss_framework))
-    _check_finite(weights, path, "encoder ")
-    encoder.load_state_dict(weights, strict=True)
-    return {"prefix": prefix, "loaded": len(weights), "dropped": dropped}
+    return {"prefix": prefix, "weights": weights, "dropped": dropped, "missing": missing,
+            "unexpected": unexpected, "misshaped": misshaped}
+
+
+def inspect_encoder(obj, path, architecture=None, ss_framework=None):
+    """Where the encoder of a loaded checkpoint ``obj`` sits and whether it would load, as plain data.
+
+    The prefix and the dropped keys come from :func:`match_encoder`, the loader's own rule, applied
+    to an encoder built on the meta device (no weights are allocated or loaded): ``architecture``
+    (with ``ss_framework``'s head count) when given, else each gissl architecture in turn, the one
+    that fits strictly (or the closest) being reported. Returns ``{"container", "tensors",
+    "values", "prefix", "holds", "family", "stated", "architecture", "encoder_tensors",
+    "encoder_parameters", "dropped", "outside", "fit", "refused"}``; raises
+    :class:`CheckpointError` when ``obj`` holds no state dict of tensors.
+    """
+    from gissl.models import ARCHITECTURES, vit_num_heads  # the package imports this module
+    refused, container = None, None
+    if isinstance(obj, dict) and {"student", "teacher"} <= set(obj) and _is_state(obj["teacher"]):
+        try:  # DINO: the loader refuses it (with what to do); the teacher is still described
+            _find_state_dict(obj, path)
+        except CheckpointError as e:
+            refused = str(e)
+        state, container = obj["teacher"], "teacher"
+    else:
+        state = _find_state_dict(obj, path)
+        container = next((k for k in _CONTAINER_KEYS if isinstance(obj, dict) and obj.get(k) is state), None)
+    stated = _stated_architecture(obj)
+    framework = ss_framework if architecture else (ss_framework or stated["ss_framework"])
+    checks = []
+    for arch in [architecture] if architecture else sorted(ARCHITECTURES):
+        heads = vit_num_heads(arch, framework)
+        with torch.device("meta"):
+            encoder = ARCHITECTURES[arch](**({"num_heads": heads} if heads else {}))
+        try:
+            if refused is None:
+                _check_described_architecture(obj, encoder, path)
+            plan = match_encoder(encoder, state, path)
+        except CheckpointError as e:
+            plan = {"error": str(e), "prefix": None, "weights": {}, "dropped": [], "missing": [], "unexpected": [],
+                    "misshaped": []}
+        problems = len(plan["missing"]) + len(plan["unexpected"]) + len(plan["misshaped"])
+        plan["fits"] = "error" not in plan and not problems
+        plan["loads"] = plan["fits"] and refused is None
+        plan["architecture"], plan["ss_framework"] = arch, framework if heads else None
+        checks.append((plan, -problems))
+    # the strict fit, else a refusal (its message says why), else the encoder with the fewest
+    # differences (a tie: the first by name)
+    plan = max(checks, key=lambda c: (c[0]["fits"], "error" in c[0], c[1]))[0]
+    prefix = plan["prefix"]
+    if prefix is None:  # every candidate was refused (e.g. two encoders tie): say where the anchors are
+        prefix = _encoder_prefix(state, (), path)
+    inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    kept = {k: v for k, v in inner.items() if k not in plan["dropped"]}
+    family, holds = describe_state_dict(kept or inner)
+    real = [v for k, v in plan["weights"].items() if k in kept]  # not the meta BatchNorm counters added
+    fit = {k: plan[k] for k in ("architecture", "ss_framework", "loads", "missing", "unexpected", "misshaped")}
+    fit["error"] = plan.get("error")
+    fit["given"] = architecture is not None
+    return {"container": container, "tensors": len(state), "values": sum(v.numel() for v in state.values()),
+            "prefix": prefix, "holds": holds, "family": family, "stated": stated,
+            "architecture": plan["architecture"] if plan["fits"] else None,
+            "encoder_tensors": len(real), "encoder_parameters": sum(v.numel() for v in real),
+            "dropped": _groups(plan["dropped"], 1),
+            "outside": _groups([k for k in state if not k.startswith(prefix)], prefix.count(".")),
+            "fit": fit, "refused": refused}
+
+
+def _is_state(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _stated_architecture(obj):
+    """What a file says it holds besides its keys: MoCo's ``'arch'``, gissl's ``'args'`` (a dict of
+    flags), MAE's / DINO's ``'args'`` Namespace (``model`` / ``arch``, ``patch_size``).
+    Returns ``{"arch", "ss_framework", "text"}`` (None where the file says nothing)."""
+    out = {"arch": None, "ss_framework": None, "text": None}
+    if not isinstance(obj, dict):
+        return out
+    settings = obj.get("args")
+    settings = vars(settings) if hasattr(settings, "__dict__") and not isinstance(settings, dict) else settings
+    state = obj.get("state_dict")
+    if isinstance(obj.get("arch"), str):
+        out["arch"] = obj["arch"]
+        moco3 = isinstance(state, dict) and any(k.startswith("module.base_encoder.") for k in state)
+        out["ss_framework"] = "mocov3" if moco3 else None
+        heads = {"vit_small": 12, "vit_base": 12}.get(obj["arch"]) if moco3 else None
+        note = f" (MoCo v3 vits.py: {heads} attention heads)" if heads else ""
+        out["text"] = f"'arch': '{obj['arch']}'{note}"
+    elif isinstance(settings, dict) and isinstance(obj.get("model"), dict) and "task" in settings:
+        out["arch"], out["ss_framework"] = settings.get("arch"), settings.get("ss_framework")
+        out["text"] = f"'args': --architecture {out['arch']} --ss-framework {out['ss_framework']}"
+    elif isinstance(settings, dict) and any(isinstance(settings.get(k), str) for k in ("model", "arch")):
+        name = settings.get("model") if isinstance(settings.get("model"), str) else settings["arch"]
+        out["arch"] = name
+        patch = f", patch_size {settings['patch_size']}" if "patch_size" in settings else ""
+        out["text"] = f"'args': {'model' if name == settings.get('model') else 'arch'} '{name}'{patch}"
+    return out
+
+
+def _groups(keys, parts):
+    """Keys summarised by their first ``parts`` dotted names: ``["module.predictor.* (6)", "module.queue"]``."""
+    counts = {}
+    for key in keys:
+        names = key.split(".")
+        group = ".".join(names[:parts]) + (".*" if len(names) > parts else "")
+        counts[group] = counts.get(group, 0) + 1
+    return [f"{g} ({n})" if g.endswith(".*") else g for g, n in counts.items()]
 
 
 def load_model_state(model, weights, path, hint=""):

@@ -3,6 +3,10 @@
 A checkpoint is data, never code: every read goes through ``torch.load(weights_only=True)``
 (or safetensors), and every write goes to a temporary file in the same folder that is
 then renamed over the target, so a crash never leaves a half-written checkpoint behind.
+
+``python -m gissl.checkpoint FILE [--architecture A] [--ss-framework F] [--json]`` says what a
+file is (:func:`describe_checkpoint`): its layout, the flags it stores, where the encoder sits,
+the architecture it holds, the keys the loader drops and whether it loads into ``A``.
 """
 import argparse
 import os

@@ -2,7 +2,8 @@
 its ``--print-list`` per-image lists."""
 import datetime
 
-_ARCH_IDS = {"resnet50": "RN", "vit_b": "VT", "resnet18": "RN18", "vit_s": "VTs", "vit_t": "VTt"}
+_ARCH_IDS = {"resnet50": "RN", "vit_b": "VT", "resnet18": "RN18", "vit_s": "VTs", "vit_t": "VTt",
+             "vit_l": "VTl", "vit_h": "VTh", "densenet121": "DN121"}
 _PRETRAINING_IDS = {"Hyperkvasir": "HK", "ImageNet_self": "IN", "ImageNet_class": "IN", "random": "NA"}
 _FRAMEWORK_IDS = {"mocov3": "MC", "barlowtwins": "BT", "mae": "MA", "simsiam": "SS", "fpsiam": "FP"}
 

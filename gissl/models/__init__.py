@@ -12,34 +12,43 @@ import os
 import torch
 
 from gissl.errors import UserError
+from gissl.models.densenet import DenseNetEncoder, densenet121
 from gissl.models.pretrained import describe_state_dict, load_pretrained
 from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
-from gissl.models.vit import VisionTransformer, vit_b, vit_s, vit_t
+from gissl.models.vit import VisionTransformer, vit_b, vit_h, vit_l, vit_s, vit_t
 
 __all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "load_pretrained",
-           "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "family", "check_combination", "ResNetEncoder", "VisionTransformer"]
+           "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "family", "check_combination", "ResNetEncoder", "DenseNetEncoder",
+           "VisionTransformer"]
 
-ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "vit_t": vit_t, "vit_s": vit_s, "vit_b": vit_b}
+ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "vit_t": vit_t,
+                 "vit_s": vit_s, "vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h}
 PRETRAININGS = ("Hyperkvasir", "ImageNet_self", "ImageNet_class", "random")
 # Which encoder families each SSL framework trains (MAE masks patches: ViT only; the
-# Barlow Twins / SimSiam / FPSiam recipes and the reference use ResNets; MoCo v3 both).
+# Barlow Twins / SimSiam / FPSiam recipes and the reference use ResNets; MoCo v3 both). No
+# framework has a DenseNet recipe here, so every --ss-framework refuses densenet121.
 SS_FRAMEWORKS = {"mocov3": ("resnet", "vit"), "barlowtwins": ("resnet",), "mae": ("vit",),
                  "simsiam": ("resnet",), "fpsiam": ("resnet",)}
 
 # ImageNet-supervised weight files looked for in the torch hub cache, first found wins.
-# ResNet: torchvision's files (V1 first: the reference used V1, docs/ssl4gie.md §3.1).
+# ResNet, DenseNet: torchvision's files (V1 first: the reference used V1, docs/ssl4gie.md §3.1).
 # ViT: timm state dicts saved as .pth / .safetensors; augreg in21k→in1k is the reference's
 # choice (docs/ssl4gie.md §3.3), augreg2 is timm's current default for vit_base_patch16_224.
+# timm has no ImageNet-1k-supervised ViT-H/14: its supervised file is the original ImageNet-21k one.
 IMAGENET_CLASS_FILES = {
     "resnet18": ["resnet18-f37072fd.pth", "resnet18-5c106cde.pth"],
     "resnet50": ["resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth", "resnet50-19c8e357.pth"],
     "vit_t": ["vit_tiny_patch16_224.augreg_in21k_ft_in1k"],
     "vit_s": ["vit_small_patch16_224.augreg_in21k_ft_in1k"],
     "vit_b": ["vit_base_patch16_224.augreg_in21k_ft_in1k", "vit_base_patch16_224.augreg2_in21k_ft_in1k"],
+    "vit_l": ["vit_large_patch16_224.augreg_in21k_ft_in1k"],
+    "vit_h": ["vit_huge_patch14_224.orig_in21k"],
+    "densenet121": ["densenet121-a639ec97.pth"],
 }
 _IMAGENET_HOWTO = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
     "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "densenet121": "https://download.pytorch.org/models/densenet121-a639ec97.pth",
 }
 
 
@@ -60,13 +69,18 @@ def vit_num_heads(architecture, ss_framework=None):
 
 
 def is_vit(architecture):
-    """True for the ViT architectures (vit_t, vit_s, vit_b)."""
+    """True for the ViT architectures (vit_t, vit_s, vit_b, vit_l, vit_h)."""
     return architecture.startswith("vit")
 
 
 def family(architecture):
-    """``"vit"`` or ``"resnet"``: the encoder family of an architecture name (the one family test)."""
-    return "vit" if is_vit(architecture) else "resnet"
+    """``"vit"``, ``"densenet"`` or ``"resnet"``: the encoder family of an architecture name (the
+    one family test). DenseNet is its own family: no SSL framework here trains it (the framework
+    check refuses it), and the ResNet-only code (torchvision's FPN over layer1..4) does not fit it;
+    it shares the ResNet behaviour only where a test is ``not is_vit`` (4 stride-4..32 maps, BatchNorm)."""
+    if is_vit(architecture):
+        return "vit"
+    return "densenet" if architecture.startswith("densenet") else "resnet"
 
 
 def build_encoder(architecture, pretraining="random", ss_framework=None, checkpoint=None, *,
@@ -85,10 +99,10 @@ def build_encoder(architecture, pretraining="random", ss_framework=None, checkpo
     """
     check_combination(architecture, pretraining, ss_framework, checkpoint)
     if window_size is not None and not is_vit(architecture):
-        raise UserError(f"windowed attention needs a ViT; {architecture} is a ResNet")
+        raise UserError(f"windowed attention needs a ViT; {architecture} is not one (a {family(architecture)})")
     num_heads = num_heads or vit_num_heads(architecture, ss_framework)
     if num_heads is not None and not is_vit(architecture):
-        raise UserError(f"attention heads were given for {architecture}, which is a ResNet")
+        raise UserError(f"attention heads were given for {architecture}, which is not a ViT (a {family(architecture)})")
     kwargs = {"num_heads": num_heads} if num_heads is not None else {}
     encoder = ARCHITECTURES[architecture](img_size=img_size, **kwargs)
     if window_size is not None:

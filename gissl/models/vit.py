@@ -1,12 +1,13 @@
-"""Vision Transformer encoders (ViT-T/S/B, patch 16) with timm's parameter names.
+"""Vision Transformer encoders (ViT-T/S/B/L patch 16, ViT-H patch 14) with timm's parameter names.
 
 Parameter names equal timm's ``vit_base_patch16_224`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``),
 so timm, MoCo v3 and MAE weights load without renaming (docs/ssl4gie.md §3.3: patch 16, MLP ratio 4,
-qkv bias, LayerNorm eps 1e-6). Attention runs through ``F.scaled_dot_product_attention``
-(except CPU training, see :func:`attention`).
-Any input whose height and width are multiples of 16 works: the patch part of the position
-embedding is interpolated to the token grid, the CLS position is kept.
+qkv bias, LayerNorm eps 1e-6; ViT-L/16 and ViT-H/14 are timm's ``vit_large_patch16_224`` /
+``vit_huge_patch14_224``, the same block with other widths, depths and patch size).
+Attention runs through ``F.scaled_dot_product_attention`` (except CPU training, see :func:`attention`).
+Any input whose height and width are multiples of the patch size p works: the patch part of the
+position embedding is interpolated to the token grid, the CLS position is kept.
 """
 import torch
 import torch.nn as nn
@@ -16,8 +17,12 @@ from gissl.errors import UserError
 
 # Blocks tapped for dense tasks (DPT, docs/ssl4gie.md §3.3): the 3rd/6th/9th/12th of 12 blocks.
 OUT_INDICES = (2, 5, 8, 11)
+# The same quarters of deeper models: DPT-Large taps ViT-L/16's blocks 5/11/17/23 (Ranftl et al.,
+# ICCV 2021); ViT-H/14's 32 blocks are split the same way.
+OUT_INDICES_24 = (5, 11, 17, 23)
+OUT_INDICES_32 = (7, 15, 23, 31)
 # Longest sequence for which CPU training uses the explicit attention of :func:`attention`
-# (its (N, heads, L, L) score matrix grows as L²; 1024 tokens = a 512x512 image).
+# (its (N, heads, L, L) score matrix grows as L²; 1024 tokens = a 512x512 image at patch 16).
 EXPLICIT_ATTENTION_MAX_TOKENS = 1024
 
 
@@ -102,7 +107,7 @@ def window_attention(q, k, v, grid, window_size, num_prefix=1):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches to tokens: (N, 3, H, W) -> (N, H/16 * W/16, D)."""
+    """Non-overlapping p×p patches to tokens: (N, 3, H, W) -> (N, H/p * W/p, D)."""
 
     def __init__(self, patch_size=16, embed_dim=768, in_chans=3):
         super().__init__()
@@ -175,8 +180,9 @@ class VisionTransformer(nn.Module):
     """ViT encoder. ``forward``: (N, 3, H, W) -> (N, D) CLS token after the final LayerNorm.
 
     ``forward_features``: the outputs of blocks ``out_indices`` (before the final norm, CLS
-    dropped) as 4 maps (N, D, H/16, W/16). ``img_size`` sets the grid of the stored
-    ``pos_embed`` (int or (H, W)); other input sizes interpolate it on the fly.
+    dropped) as 4 maps (N, D, H/p, W/p), p = ``patch_size`` (also ``feature_strides``).
+    ``img_size`` sets the grid of the stored ``pos_embed`` (int or (H, W), a multiple of p);
+    other input sizes interpolate it on the fly.
     """
 
     def __init__(self, *, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16,
@@ -248,7 +254,7 @@ class VisionTransformer(nn.Module):
         return x + self.pos_embed_for(h, w), (h, w)
 
     def forward_tokens(self, x):
-        """All tokens after the final LayerNorm: (N, 3, H, W) -> (N, 1 + H/16 * W/16, D)."""
+        """All tokens after the final LayerNorm: (N, 3, H, W) -> (N, 1 + H/p * W/p, D)."""
         x, grid = self.tokens(x)
         for blk in self.blocks:
             x = blk(x, grid)
@@ -259,7 +265,7 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(x)[:, 0]
 
     def forward_features(self, x):
-        """(N, 3, H, W) -> list of len(out_indices) maps (N, D, H/16, W/16), before the final norm."""
+        """(N, 3, H, W) -> list of len(out_indices) maps (N, D, H/p, W/p), before the final norm."""
         x, (h, w) = self.tokens(x)
         feats = []
         for i, blk in enumerate(self.blocks[: max(self.out_indices) + 1]):
@@ -289,3 +295,22 @@ def vit_b(img_size=224, num_heads=12):
     """ViT-B/16: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch16_224``, docs/ssl4gie.md §3.3)."""
     return VisionTransformer(embed_dim=768, depth=12, num_heads=num_heads, img_size=img_size,
                              architecture="vit_b")
+
+
+def vit_l(img_size=224, num_heads=16):
+    """ViT-L/16: 1024-d, 24 blocks, 16 heads, MLP 4096 (timm ``vit_large_patch16_224``).
+
+    ``forward_features`` taps blocks 5/11/17/23, DPT-Large's (``OUT_INDICES_24``).
+    """
+    return VisionTransformer(embed_dim=1024, depth=24, num_heads=num_heads, img_size=img_size,
+                             out_indices=OUT_INDICES_24, architecture="vit_l")
+
+
+def vit_h(img_size=224, num_heads=16):
+    """ViT-H/14: 1280-d, 32 blocks, 16 heads, MLP 5120, patch 14 (timm ``vit_huge_patch14_224``).
+
+    Inputs must be multiples of 14 (224 = 16 × 14 patches); ``feature_strides`` are 14 and
+    ``forward_features`` taps blocks 7/15/23/31 (``OUT_INDICES_32``).
+    """
+    return VisionTransformer(embed_dim=1280, depth=32, num_heads=num_heads, patch_size=14, img_size=img_size,
+                             out_indices=OUT_INDICES_32, architecture="vit_h")

@@ -191,6 +191,9 @@ class DPT(nn.Module):
             # Plain ViT: all levels share one stride. DPT-Base widths 96/192/384/768 for
             # embed_dim 768, i.e. D/8, D/4, D/2, D (scaled the same way for vit_s / vit_t).
             reassemble_dims = [dims[i] // d for i, d in enumerate((8, 4, 2, 1))]
+            # resample relative to the token grid (x4, x2, x1, x1/2, as DPT) whatever the patch
+            # size: a 14-px grid (ViT-H/14) has no whole-number factor to strides 4..32
+            strides = [16] * 4
         self.reassemble = Reassemble(dims, strides, reassemble_dims)
         use_bn = task == "segmentation"  # SSL4GIE: `use_bn = dense == "seg"`
         self.project = nn.ModuleList(

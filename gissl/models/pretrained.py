@@ -32,7 +32,11 @@ _CONTAINER_KEYS = ("state_dict", "model")
 # Parts of SSL / supervised models that are not the encoder: ResNet fc (MoCo v3 projector,
 # ImageNet classifier), ViT head (MoCo v3 projector, timm classifier), fc_norm (timm pooled
 # head norm), MAE's mask token and decoder.
-_DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_")
+_DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.")
+# torchvision's released DenseNet files keep the names of its first DenseNet code
+# ("denselayer1.norm.1.weight" for today's "denselayer1.norm1.weight"); torchvision renames them
+# on load with this pattern, and so does gissl.
+_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _DROPPED_KEYS = ("mask_token",)
 # Names that identify where an encoder starts inside a larger state dict.
 _ANCHORS = ("pos_embed", "cls_token", "patch_embed.proj.weight", "layer1.0.conv1.weight")
@@ -76,6 +80,8 @@ def match_encoder(encoder, state, path):
     expected = encoder.state_dict()
     prefix = _encoder_prefix(state, expected.keys(), path)
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(".denselayer" in k for k in expected):
+        weights = {(k if k in expected else _LEGACY_DENSENET.sub(r"\1\2", k)): v for k, v in weights.items()}
     dropped = sorted(k for k in weights if k not in expected and _is_dropped(k))
     for k in dropped:
         del weights[k]

@@ -212,3 +212,13 @@ def test_densenet_torchvision_file_layout_loads(tmp_path, densenet_pair):
     torch.save(state, path)
     enc = build_encoder("densenet121", "ImageNet_class", checkpoint=str(path))
     torch.testing.assert_close(enc.features.norm5.weight, densenet_pair[0].features.norm5.weight)
+
+
+def test_readme_lists_every_architecture():
+    import pathlib
+
+    from gissl.models import ARCHITECTURES
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("<!-- architectures -->", 1)[1].split("<!-- end: architectures -->", 1)[0]
+    listed = re.findall(r"^\| `([a-z0-9_]+)` \|", table, flags=re.M)
+    assert sorted(listed) == sorted(ARCHITECTURES) and len(listed) == len(set(listed)), listed

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 from gissl.errors import CheckpointError, UserError
 from gissl.models import build_encoder, load_pretrained
@@ -306,3 +307,34 @@ def test_mismatch_message_describes_the_file(file_arch, model_arch, held, tmp_pa
         load_pretrained(build_encoder(model_arch, img_size=32), tmp_path / "f.pth")
     assert f"this file holds {held}" in str(err.value)
     assert f"does not match {model_arch}" in str(err.value)
+
+
+# --- #17 item 2: SwAV / DeepCluster-v2 / SeLa-v2 releases -------------------------------------------
+
+def _swav_release(prototypes):
+    """A state dict laid out as facebookresearch/swav saves its ResNet-50 (``main_swav.py`` /
+    ``main_deepclusterv2.py``: the DDP model's ``state_dict()``, so every key starts with
+    ``module.``): torchvision's trunk names, ``projection_head`` = Linear(2048, 2048) -> BN -> ReLU ->
+    Linear(2048, 128), and ``prototypes`` = Linear(128, K, bias=False), or for DeepCluster-v2's
+    ``MultiPrototypes`` one ``prototypes{i}`` per head. Returns (trunk, state)."""
+    torch.manual_seed(0)
+    trunk = torchvision.models.resnet50()
+    trunk.fc = nn.Identity()
+    head = nn.Sequential(nn.Linear(2048, 2048), nn.BatchNorm1d(2048), nn.ReLU(inplace=True), nn.Linear(2048, 128))
+    state = {f"module.{k}": v for k, v in trunk.state_dict().items()}
+    state.update({f"module.projection_head.{k}": v for k, v in head.state_dict().items()})
+    if isinstance(prototypes, list):
+        state.update({f"module.prototypes{i}.weight": torch.randn(k, 128) for i, k in enumerate(prototypes)})
+    else:
+        state["module.prototypes.weight"] = torch.randn(prototypes, 128)
+    return trunk.eval(), state
+
+
+@pytest.mark.parametrize("prototypes", [3000, [3000, 3000, 3000]], ids=["swav", "deepclusterv2"])
+def test_swav_family_release_loads_its_trunk(prototypes, tmp_path):
+    trunk, state = _swav_release(prototypes)
+    torch.save(state, tmp_path / "swav_800ep_pretrain.pth.tar")
+    encoder = build_encoder("resnet50", "ImageNet_class", checkpoint=str(tmp_path / "swav_800ep_pretrain.pth.tar"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(x), trunk(x), rtol=0, atol=0)

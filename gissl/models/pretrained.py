@@ -32,7 +32,10 @@ _CONTAINER_KEYS = ("state_dict", "model")
 # Parts of SSL / supervised models that are not the encoder: ResNet fc (MoCo v3 projector,
 # ImageNet classifier), ViT head (MoCo v3 projector, timm classifier), fc_norm (timm pooled
 # head norm), MAE's mask token and decoder.
-_DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.")
+# Heads that a file may hold beside its encoder, dropped on purpose: classifiers (fc, head,
+# classifier), MAE's decoder, and SwAV / DeepCluster-v2 / SeLa-v2's projection_head and
+# prototypes (a Linear, or MultiPrototypes' prototypes0, prototypes1, ...).
+_DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.", "projection_head.", "prototypes")
 # torchvision's released DenseNet files keep the names of its first DenseNet code
 # ("denselayer1.norm.1.weight" for today's "denselayer1.norm1.weight"); torchvision renames them
 # on load with this pattern, and so does gissl.

@@ -44,6 +44,13 @@ def check(args):
     """The retrieval eval / predict checks (shared with predict_retrieval.py)."""
     if args.k < 1:
         raise UserError("--k must be at least 1")
+    if args.descriptor_model and (args.untrained or args.weights or args.checkpoint):
+        raise UserError("--descriptor-model is a whole descriptor model; drop --untrained, --weights and "
+                        "--checkpoint, which choose another one")
+    if args.descriptor_model and getattr(args, "export_torchscript", None):
+        raise UserError("--descriptor-model is already a TorchScript model; there is nothing to export")
+    if args.descriptor_model and not os.path.isfile(args.descriptor_model):
+        raise UserError(f"--descriptor-model '{args.descriptor_model}' does not exist")
     if args.checkpoint and not args.untrained:
         raise UserError("--checkpoint is the pretrained encoder and has no effect without --untrained: a trained "
                         "retrieval model is read instead; drop --checkpoint and use --weights FILE or the "
@@ -52,11 +59,14 @@ def check(args):
 
 
 def load(args, device):
-    """The descriptor model in eval mode on ``device``: the trained one (``--weights`` or the one
-    the flags name under ``--train-dataset``), or with ``--untrained`` the encoder as built by
+    """The descriptor model in eval mode on ``device``: ``--descriptor-model``'s TorchScript file as it
+    is, the trained one (``--weights`` or the one the flags name under ``--train-dataset``), or with
+    ``--untrained`` the encoder as built by
     ``--pretraining`` (the same random init as train_retrieval.py). Eval ``--compile`` compiles
     its ``embed`` (descriptors come from it, not from ``forward``)."""
     torch.manual_seed(args.seed)
+    if args.descriptor_model:
+        return R.ScriptedDescriptor(args.descriptor_model).to(device).eval()
     if args.untrained:
         model = R.build_model(cli.encoder(args, img_size=args.image_size), **cli.model_kwargs(R.build_model, args))
         model = prepare_for_eval(model, device)
@@ -72,6 +82,8 @@ def load(args, device):
 
 
 def model_name(args):
+    if args.descriptor_model:
+        return os.path.basename(args.descriptor_model)
     if args.untrained:
         return f"{args.arch}-{args.pretraining}{'_' + args.ss_framework if args.ss_framework else ''}_untrained"
     if args.weights:

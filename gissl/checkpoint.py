@@ -68,7 +68,8 @@ def load_file(path):
         raise CheckpointError(
             f"'{path}' is a TorchScript program (a compiled model saved with torch.jit.save, e.g. SSCD's "
             "*.torchscript.pt), not a checkpoint of weights; gissl loads weights only and never runs a "
-            "file's code. Use the plain weights file of the same model instead (SSCD publishes "
+            "file's code. A descriptor model of this kind is used as it is by eval_retrieval.py / "
+            "predict_retrieval.py --descriptor-model FILE. Otherwise use the plain weights file of the same model instead (SSCD publishes "
             "sscd_disc_mixup.torchvision.pt beside sscd_disc_mixup.torchscript.pt), or, if you trust the file, "
             f"extract its weights: python -c \"import torch; torch.save(torch.jit.load('{path}').state_dict(), "
             "'weights.pth')\" and pass weights.pth with --checkpoint")

@@ -172,6 +172,27 @@ class DescriptorModel(nn.Module):
         return F.normalize(self.head(x).float(), dim=1)
 
 
+class ScriptedDescriptor(nn.Module):
+    """A TorchScript descriptor model used as it is (``--descriptor-model``): SSCD's released
+    ``*.torchscript.pt`` files or gissl's own ``--export-torchscript`` output. Takes (N, 3, H, W)
+    ImageNet-normalised images; :meth:`descriptor` returns its output L2-normalised (N, D).
+
+    Loading TorchScript runs the file's TorchScript program (not arbitrary Python), which is why
+    it is a flag of its own and never what ``--checkpoint`` / ``--weights`` read."""
+
+    def __init__(self, path):
+        super().__init__()
+        try:
+            self.module = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"--descriptor-model '{path}' is not a TorchScript model ({str(e).splitlines()[0]}); "
+                            "pass a *.torchscript.pt file (SSCD) or one written by predict_retrieval.py "
+                            "--export-torchscript") from None
+
+    def descriptor(self, images, use_head=False):
+        return F.normalize(self.module(images).float(), dim=1)
+
+
 def mixup_cutmix(images, instance_ids, num_instances, prob=0.05, alpha=2.0, switch_prob=0.5,
                  generator=None):
     """Per-element Mixup / CutMix at a small rate (SSCD / docs/endofinder.md §1.7: probability 0.05,
@@ -359,6 +380,10 @@ def add_inference_arguments(p):
     g = p.add_argument_group("retrieval inference")
     g.add_argument("--train-dataset", dest="train_dataset", default="Kvasir",
                    help="dataset the model was trained on (names its checkpoint under --output-dir)")
+    g.add_argument("--descriptor-model", dest="descriptor_model", default=None, metavar="FILE",
+                   help="a TorchScript descriptor model used as it is instead of a trained one, e.g. SSCD's "
+                        "sscd_disc_mixup.torchscript.pt or predict_retrieval.py --export-torchscript output "
+                        "(ImageNet-normalised images -> descriptors, L2-normalised here)")
     g.add_argument("--untrained", action="store_true",
                    help="no retrieval training: descriptors of the encoder as built by --pretraining "
                         "(and --checkpoint), e.g. the random-init or SSL baseline")

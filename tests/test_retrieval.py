@@ -280,3 +280,43 @@ def test_train_eval_predict_scripts(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["predict_retrieval.py", *common, "--export-torchscript", str(ts)])
     predict_retrieval.main(predict_retrieval.get_args())
     assert torch.jit.load(str(ts))(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
+
+
+def test_torchscript_descriptor_model_is_used_as_it_is(tmp_path, monkeypatch, capsys):
+    """#17: an SSCD-style TorchScript file (trunk -> GeM -> Linear, traced) evaluates through
+    --descriptor-model: its descriptors are the file's own output, L2-normalised."""
+    import eval_retrieval
+    import torchvision
+    from gissl import retrieval as R
+    from gissl.retrieval_data import synthetic_twin_root, twin_set
+
+    class SSCDLike(torch.nn.Module):  # SSCD's Model(TV_RESNET50, 512, 3.0): trunk, GeM p=3, Linear
+        def __init__(self):
+            super().__init__()
+            trunk = torchvision.models.resnet18()
+            self.trunk = torch.nn.Sequential(*list(trunk.children())[:-2])
+            self.fc = torch.nn.Linear(512, 32)
+
+        def forward(self, x):
+            x = self.trunk(x).clamp(min=1e-6).pow(3.0).mean((2, 3)).pow(1 / 3.0)
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    source = SSCDLike().eval()
+    path = tmp_path / "sscd_disc_mixup.torchscript.pt"
+    torch.jit.trace(source, torch.zeros(1, 3, 32, 32)).save(str(path))
+    model = R.ScriptedDescriptor(path).eval()
+    twin = twin_set(synthetic_twin_root())
+    got = R.extract_descriptors(model, twin["queries"][:3], image_size=32, batch_size=2, device=torch.device("cpu"),
+                                amp=False)
+    from gissl.retrieval_data import ImageListDataset
+    images = torch.stack([ImageListDataset(twin["queries"][:3], 32)[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(source(images), dim=1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    monkeypatch.chdir(tmp_path)
+    eval_retrieval.main(eval_retrieval.get_args(["--descriptor-model", str(path), "--image-size", "32",
+                                                 "--workers", "0", "--device", "cpu", "--no-amp"]))
+    assert "Copy-detection retrieval results for sscd_disc_mixup.torchscript.pt" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not a TorchScript model"):
+        R.ScriptedDescriptor(tmp_path / "eval_results.txt")

@@ -87,19 +87,39 @@ EVAL = {
 }
 
 
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """Tiny datasets in the real formats, so that each training epoch is a few steps."""
+    from gissl.data.synthetic import generate
+    from gissl.retrieval_data import write_synthetic_twins
+    base = tmp_path_factory.mktemp("data")
+    out = {name: generate(name, str(base / name), num=num, seed=0)
+           for name, num in (("Kvasir", 16), ("Hyperkvasir_anatomical", 2), ("C3VD", 2))}
+    out["twin"] = write_synthetic_twins(str(base / "twin"), out["Kvasir"], num_refs=4, num_queries=2,
+                                        num_distractors=2)
+    return out
+
+
+# data flags of training / of evaluation (the only flags eval and predict get besides --weights)
+DATA = {"segmentation": ("Kvasir", "Kvasir"), "depth": ("C3VD", "C3VD"), "detection": ("Kvasir", "Kvasir"),
+        "classification": ("Hyperkvasir_anatomical", "Hyperkvasir_anatomical"), "retrieval": ("Kvasir", "twin")}
+
+
 @pytest.mark.parametrize("task", sorted(EVAL))
-def test_eval_and_predict_need_only_the_weights(task, tmp_path, monkeypatch):
+def test_eval_and_predict_need_only_the_weights(task, roots, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     script, flags = TRAIN[task]
-    result = script.main(script.get_args(flags + RUN + ["--batch-size", "4", "--output-dir", "out"]))
+    train_root, eval_root = (roots[name] for name in DATA[task])
+    result = script.main(script.get_args(flags + RUN + ["--batch-size", "4", "--output-dir", "out",
+                                                        "--data-root", train_root]))
     weights = next(p for p in sorted((tmp_path / "out").glob("*.pth")) if not p.name.endswith(".last.pth"))
     evaluate, predict, title = EVAL[task]
-    evaluate.main(evaluate.get_args(["--weights", str(weights), "--workers", "0", "--device", "cpu"]))
+    data = ["--data-root", eval_root, "--workers", "0", "--device", "cpu"]
+    evaluate.main(evaluate.get_args(["--weights", str(weights)] + data))
     first = (tmp_path / "eval_results.txt").read_text().splitlines()[0]
     assert first.startswith(f"{title} for ") and "resnet18-random" in first
     if predict is not None:
-        predict.main(predict.get_args(["--weights", str(weights), "--workers", "0", "--device", "cpu",
-                                       "--idx", "0"]))
+        predict.main(predict.get_args(["--weights", str(weights), "--idx", "0"] + data))
         assert list((tmp_path / "Predictions").rglob("test0_*.png"))
     with pytest.raises(UserError, match=r"--architecture resnet50 contradicts the checkpoint .* trained with "
                                         r"--architecture resnet18"):

@@ -49,15 +49,28 @@ def _moco_v3_file(path):
     return enc
 
 
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """Tiny datasets in the real formats: an epoch is a few steps (the property needs no more)."""
+    from gissl.data.synthetic import generate
+    base = tmp_path_factory.mktemp("data")
+    return {name: generate(name, str(base / name), num=num, seed=0)
+            for name, num in (("Kvasir", 16), ("Hyperkvasir_anatomical", 2), ("C3VD", 2))}
+
+
+DATA = {"classification": "Hyperkvasir_anatomical", "segmentation": "Kvasir", "depth": "C3VD",
+        "detection": "Kvasir", "retrieval": "Kvasir"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(SCRIPTS))
-def test_frozen_encoder_is_saved_unchanged(task, tmp_path, monkeypatch):
+def test_frozen_encoder_is_saved_unchanged(task, roots, tmp_path, monkeypatch):
     module, get_args, extra = SCRIPTS[task]
     monkeypatch.chdir(tmp_path)
     enc = _moco_v3_file(tmp_path / "r-18.pth.tar")
     out = tmp_path / "models"
     monkeypatch.setattr(sys, "argv", [module.__file__, *COMMON, *extra, "--checkpoint", str(tmp_path / "r-18.pth.tar"),
-                                      "--output-dir", str(out)])
+                                      "--output-dir", str(out), "--data-root", roots[DATA[task]]])
     module.main(get_args())
     saved = load_file(next(p for p in out.glob("*.pth") if not p.name.endswith(".last.pth")))["model"]
     probe = "layer4.1.bn2.running_var"

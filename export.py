@@ -55,9 +55,9 @@ def get_args(argv=None):
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--task", choices=list(TASKS))
     task = first.parse_known_args(argv)[0].task
-    if task is None:  # only the export flags are known until the task is: argparse says what is missing
+    if task is None:  # only the export flags are known until the task is: argparse names what is
+        # missing (exit code 2) or, for --help, lists them
         _export_flags(argparse.ArgumentParser(description="Export a finetuned model to ONNX")).parse_args(argv)
-        raise UserError(f"--task is required; choose from {', '.join(TASKS)}")
     module, datasets = TASKS[task]
     p = cli.task_parser(task, f"Export a finetuned {task} model to ONNX", stage="eval", datasets=datasets,
                         default_image_size=None if task == "detection" else 224,
@@ -105,7 +105,8 @@ def load(args):
 def main(args):
     model, path = load(args)
     task = args.task
-    module, inputs, outputs = ex.exportable(task, model, use_head=getattr(args, "use_head", False))
+    module, inputs, outputs = ex.exportable(task, model, image_size=args.image_size,
+                                             use_head=getattr(args, "use_head", False))
     resizes = task == "detection" and not is_vit(args.arch)  # the graph resizes any image size
     ex.export_onnx(module, args.output, example=ex.example_inputs(task, args.image_size),
                    input_names=inputs, output_names=outputs, dynamic_batch=task != "detection",

@@ -28,8 +28,15 @@ _AGAIN = "copy or download it again, or pass the path of the right file"
 # command line as 'args': argparse.Namespace(...) (a bag of attributes; unpickling one only
 # sets them). Their values are str/int/float/bool/list/tuple/None; forks of these scripts often
 # add pathlib paths (e.g. output_dir), which only hold strings. No class here runs code or I/O.
+# DINO's optimizer state also holds NumPy scalars: main_dino.py sets each param group's "lr" and
+# "weight_decay" from NumPy schedules (np.float64), pickled as numpy's ``scalar(dtype, bytes)``
+# (``numpy.core.multiarray.scalar`` when written with NumPy 1.x) and ``numpy.dtype``: a number
+# rebuilt from its bytes, no code; the dtype is rebuilt as its class (NumPy >= 1.25: numpy.dtypes.Float64DType, ...).
+_NUMPY_SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+_NUMPY_DTYPES = tuple(dict.fromkeys(type(np.dtype(c)) for c in ("f8", "f4", "f2", "i8", "i4", "b1")))
 SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath)
+                pathlib.PureWindowsPath, np.dtype, *_NUMPY_DTYPES, _NUMPY_SCALAR,
+                (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"), (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"))
 
 
 def load_file(path):

@@ -3,7 +3,9 @@ its ``--print-list`` per-image lists."""
 import datetime
 
 _ARCH_IDS = {"resnet50": "RN", "vit_b": "VT", "resnet18": "RN18", "vit_s": "VTs", "vit_t": "VTt",
-             "vit_l": "VTl", "vit_h": "VTh", "densenet121": "DN121"}
+             "vit_l": "VTl", "vit_h": "VTh", "densenet121": "DN121", "vit_s14_dinov2": "VTsD2",
+             "vit_s14_reg4_dinov2": "VTsD2R", "vit_b14_dinov2": "VTbD2", "vit_b14_reg4_dinov2": "VTbD2R",
+             "vit_l14_dinov2": "VTlD2", "vit_l14_reg4_dinov2": "VTlD2R"}
 _PRETRAINING_IDS = {"Hyperkvasir": "HK", "ImageNet_self": "IN", "ImageNet_class": "IN", "random": "NA"}
 _FRAMEWORK_IDS = {"mocov3": "MC", "barlowtwins": "BT", "mae": "MA", "simsiam": "SS", "fpsiam": "FP"}
 

@@ -15,14 +15,19 @@ from gissl.errors import UserError
 from gissl.models.densenet import DenseNetEncoder, densenet121
 from gissl.models.pretrained import describe_state_dict, load_pretrained
 from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
-from gissl.models.vit import VisionTransformer, vit_b, vit_h, vit_l, vit_s, vit_t
+from gissl.models.vit import (VisionTransformer, vit_b, vit_b14_dinov2, vit_b14_reg4_dinov2, vit_h, vit_l,
+                              vit_l14_dinov2, vit_l14_reg4_dinov2, vit_s, vit_s14_dinov2, vit_s14_reg4_dinov2, vit_t)
 
 __all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "load_pretrained",
            "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "family", "check_combination", "ResNetEncoder", "DenseNetEncoder",
            "VisionTransformer"]
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "vit_t": vit_t,
-                 "vit_s": vit_s, "vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h}
+                 "vit_s": vit_s, "vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h,
+                 # DINOv2 (patch 14, LayerScale; reg4: 4 register tokens), timm's vit_*_patch14[_reg4]_dinov2
+                 "vit_s14_dinov2": vit_s14_dinov2, "vit_s14_reg4_dinov2": vit_s14_reg4_dinov2,
+                 "vit_b14_dinov2": vit_b14_dinov2, "vit_b14_reg4_dinov2": vit_b14_reg4_dinov2,
+                 "vit_l14_dinov2": vit_l14_dinov2, "vit_l14_reg4_dinov2": vit_l14_reg4_dinov2}
 PRETRAININGS = ("Hyperkvasir", "ImageNet_self", "ImageNet_class", "random")
 # Which encoder families each SSL framework trains (MAE masks patches: ViT only; the
 # Barlow Twins / SimSiam / FPSiam recipes and the reference use ResNets; MoCo v3 both). No
@@ -35,6 +40,8 @@ SS_FRAMEWORKS = {"mocov3": ("resnet", "vit"), "barlowtwins": ("resnet",), "mae":
 # ViT: timm state dicts saved as .pth / .safetensors; augreg in21k→in1k is the reference's
 # choice (docs/ssl4gie.md §3.3), augreg2 is timm's current default for vit_base_patch16_224.
 # timm has no ImageNet-1k-supervised ViT-H/14: its supervised file is the original ImageNet-21k one.
+# DINOv2 has no supervised weights: its self-supervised LVD-142M files load through the same
+# flag (timm's converted file, or Meta's own release, named as torch.hub caches it).
 IMAGENET_CLASS_FILES = {
     "resnet18": ["resnet18-f37072fd.pth", "resnet18-5c106cde.pth"],
     "resnet50": ["resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth", "resnet50-19c8e357.pth"],
@@ -44,6 +51,12 @@ IMAGENET_CLASS_FILES = {
     "vit_l": ["vit_large_patch16_224.augreg_in21k_ft_in1k"],
     "vit_h": ["vit_huge_patch14_224.orig_in21k"],
     "densenet121": ["densenet121-a639ec97.pth"],
+    "vit_s14_dinov2": ["vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain"],
+    "vit_s14_reg4_dinov2": ["vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg4_pretrain"],
+    "vit_b14_dinov2": ["vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain"],
+    "vit_b14_reg4_dinov2": ["vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg4_pretrain"],
+    "vit_l14_dinov2": ["vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain"],
+    "vit_l14_reg4_dinov2": ["vit_large_patch14_reg4_dinov2.lvd142m", "dinov2_vitl14_reg4_pretrain"],
 }
 _IMAGENET_HOWTO = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -84,13 +97,14 @@ def family(architecture):
 
 
 def build_encoder(architecture, pretraining="random", ss_framework=None, checkpoint=None, *,
-                  img_size=224, window_size=None, window_blocks=(), num_heads=None):
+                  img_size=None, window_size=None, window_blocks=(), num_heads=None):
     """Build an encoder and load its pretrained weights (all local files).
 
     architecture: one of ``ARCHITECTURES``. pretraining: ``Hyperkvasir`` / ``ImageNet_self``
     (SSL weights: need ``ss_framework`` and ``checkpoint``), ``ImageNet_class`` (supervised
     ImageNet weights from the torch hub cache, or ``checkpoint``), or ``random``.
-    img_size: ViT position-embedding grid (other sizes are interpolated at run time).
+    img_size: ViT position-embedding grid (other sizes are interpolated at run time); None: the
+    architecture's own (224 px, DINOv2's 518 px = 37 × 14).
     window_size / window_blocks: ViT windowed attention (``window_blocks=()`` with a window
     size means every block but ``out_indices``, the ViTDet pattern). num_heads: ViT attention
     heads (default: ``vit_num_heads(architecture, ss_framework)``, else the architecture's own;
@@ -104,7 +118,9 @@ def build_encoder(architecture, pretraining="random", ss_framework=None, checkpo
     if num_heads is not None and not is_vit(architecture):
         raise UserError(f"attention heads were given for {architecture}, which is not a ViT (a {family(architecture)})")
     kwargs = {"num_heads": num_heads} if num_heads is not None else {}
-    encoder = ARCHITECTURES[architecture](img_size=img_size, **kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    encoder = ARCHITECTURES[architecture](**kwargs)
     if window_size is not None:
         encoder.set_window_attention(window_size, list(window_blocks) or None)
     if pretraining in ("Hyperkvasir", "ImageNet_self"):

@@ -110,6 +110,12 @@ class ViTDetBackbone(nn.Module):
 
     def __init__(self, encoder, *, window_size=WINDOW_SIZE):
         super().__init__()
+        if encoder.patch_size != 16:
+            # the pyramid's x4 / x2 / x1 / x1/2 resampling of a 14-px grid gives strides 3.5 ... 56,
+            # which the anchor generator (integer strides of the canvas) cannot place exactly
+            raise UserError(f"detection needs a patch-16 ViT (its simple feature pyramid makes strides 4..64 "
+                            f"from the stride-16 token grid); {encoder.architecture} has patch {encoder.patch_size}. "
+                            "Use --architecture vit_t / vit_s / vit_b / vit_l or a ResNet")
         self.body = encoder
         # global attention stays in the tapped blocks 2/5/8/11 (blocks=None), windows elsewhere
         encoder.set_window_attention(window_size, blocks=None)

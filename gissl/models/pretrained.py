@@ -13,10 +13,18 @@ occur; on a tie the query / base / student / online encoder wins over its key / 
 teacher / target copy (MoCo v2 ``encoder_q`` over ``encoder_k``), and a tie that rule cannot
 settle is refused, never left to set order. Also understood: MoCo v1/v2 files
 (``module.encoder_q.*``) and MAE / EndoFinder files that pickle ``'args'`` as an
-``argparse.Namespace``; DINO's student/teacher training file is refused with what to do. Heads,
-projectors and decoders of the source (``fc.*``, ``head.*``, ``mask_token``, ``decoder_*``) are
-dropped on purpose; every other difference (missing, unexpected or mis-shaped key) is an error
-naming the keys and saying which architecture the file holds. A ``pos_embed`` of another grid size is interpolated.
+``argparse.Namespace``. DINO (v1) training checkpoints (facebookresearch/dino ``main_dino.py``:
+``{"student": DDP state, "teacher": state, "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}``)
+load their **teacher** backbone (``backbone.*``, or ``module.backbone.*`` where DINO wraps the teacher
+in DDP for SyncBatchNorm, i.e. ResNets), as DINO's own evaluation does (``--checkpoint_key teacher``);
+``checkpoint_key="student"`` takes the student. DINOv2's ``{"teacher": ...}`` evaluation checkpoints
+load the same way (FSDP-chunked ``blocks.{c}.{i}.`` names are unchunked). Meta's DINOv2 releases
+(``dinov2_vits14_pretrain.pth``, ``..._reg4_pretrain.pth``) load as timm converts them:
+``register_tokens`` becomes ``reg_token``, and for the register models the CLS position is folded
+into ``cls_token`` (timm's ``no_embed_class`` layout). Heads, projectors and decoders of the source
+(``fc.*``, ``head.*``, ``mask_token``, ``decoder_*``) are dropped on purpose; every other
+difference (missing, unexpected or mis-shaped key) is an error naming the keys and saying which
+architecture the file holds. A ``pos_embed`` of another grid size is interpolated.
 """
 import math
 import re
@@ -41,6 +49,12 @@ _DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.", "pro
 # on load with this pattern, and so does gissl.
 _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _DROPPED_KEYS = ("mask_token",)
+# DINO / DINOv2 training files: the copy to load unless asked otherwise (DINO's eval_linear.py /
+# eval_knn.py default ``--checkpoint_key teacher``; DINOv2 evaluates its teacher too).
+DINO_CHECKPOINT_KEY = "teacher"
+# DINOv2 trains with FSDP block chunks: ``blocks.{chunk}.{i}.`` (i counts over all blocks, as the
+# chunks are padded with Identity modules, dinov2/models/vision_transformer.py BlockChunk).
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+\.)")
 # Names that identify where an encoder starts inside a larger state dict.
 _ANCHORS = ("pos_embed", "cls_token", "patch_embed.proj.weight", "layer1.0.conv1.weight")
 # The copy to use (MoCo v1/v2 encoder_q, MoCo v3 base_encoder, BYOL online, student) and the
@@ -53,17 +67,19 @@ _RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 
                   ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
 
 
-def load_pretrained(encoder, path, ss_framework=None):
+def load_pretrained(encoder, path, ss_framework=None, *, checkpoint_key=None):
     """Load the encoder weights found in checkpoint ``path`` into ``encoder`` (strict).
 
     ``ss_framework`` (e.g. "mocov3", "mae") only sharpens error messages: the layout is
-    recognised from the file itself. Returns ``{"prefix", "loaded", "dropped"}`` for logging.
+    recognised from the file itself. ``checkpoint_key``: which copy of a DINO / DINOv2 training
+    file to load (default ``DINO_CHECKPOINT_KEY``, the teacher; ``"student"`` for the student).
+    Returns ``{"prefix", "loaded", "dropped"}`` for logging.
     Raises :class:`CheckpointError` for unreadable/unsafe files, non-finite values, and any
     key that does not fit (naming the keys and the architecture the file holds).
     """
     obj = load_file(path)
     _check_described_architecture(obj, encoder, path)
-    plan = match_encoder(encoder, _find_state_dict(obj, path), path)
+    plan = match_encoder(encoder, _find_state_dict(obj, path, checkpoint_key), path)
     prefix, weights = plan["prefix"], plan["weights"]
     if plan["missing"] or plan["unexpected"] or plan["misshaped"]:
         raise CheckpointError(_mismatch_message(encoder, path, prefix, weights, plan["missing"], plan["unexpected"],
@@ -83,6 +99,10 @@ def match_encoder(encoder, state, path):
     expected = encoder.state_dict()
     prefix = _encoder_prefix(state, expected.keys(), path)
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(k.startswith("blocks.") for k in expected):
+        weights = {(k if k in expected else _CHUNKED_BLOCK.sub(r"blocks.\1", k)): v for k, v in weights.items()}
+    if "register_tokens" in weights:
+        weights = _dinov2_to_timm(weights, fold_cls_position=getattr(encoder, "num_prefix_pos", 1) == 0)
     if any(".denselayer" in k for k in expected):
         weights = {(k if k in expected else _LEGACY_DENSENET.sub(r"\1\2", k)): v for k, v in weights.items()}
     dropped = sorted(k for k in weights if k not in expected and _is_dropped(k))
@@ -119,12 +139,9 @@ def inspect_encoder(obj, path, architecture=None, ss_framework=None):
     """
     from gissl.models import ARCHITECTURES, vit_num_heads  # the package imports this module
     refused, container = None, None
-    if isinstance(obj, dict) and {"student", "teacher"} <= set(obj) and _is_state(obj["teacher"]):
-        try:  # DINO: the loader refuses it (with what to do); the teacher is still described
-            _find_state_dict(obj, path)
-        except CheckpointError as e:
-            refused = str(e)
-        state, container = obj["teacher"], "teacher"
+    if isinstance(obj, dict) and _is_state(obj.get(DINO_CHECKPOINT_KEY)):
+        # DINO / DINOv2 training file: the loader takes the teacher
+        state, container = obj[DINO_CHECKPOINT_KEY], DINO_CHECKPOINT_KEY
     else:
         state = _find_state_dict(obj, path)
         container = next((k for k in _CONTAINER_KEYS if isinstance(obj, dict) and obj.get(k) is state), None)
@@ -167,6 +184,21 @@ def inspect_encoder(obj, path, architecture=None, ss_framework=None):
             "dropped": _groups(plan["dropped"], 1),
             "outside": _groups([k for k in state if not k.startswith(prefix)], prefix.count(".")),
             "fit": fit, "refused": refused}
+
+
+def _dinov2_to_timm(weights, fold_cls_position):
+    """Meta's DINOv2 register layout -> timm's (timm ``_convert_dinov2``): ``register_tokens`` ->
+    ``reg_token``, the CLS position added to ``cls_token`` and dropped from ``pos_embed``
+    (``no_embed_class``: the same sums in the forward pass, cls + pos). Without
+    ``fold_cls_position`` (an encoder without registers) only the rename happens, so the
+    mismatch is reported as the unexpected ``reg_token``."""
+    weights = dict(weights)
+    weights["reg_token"] = weights.pop("register_tokens")
+    if fold_cls_position and "pos_embed" in weights and "cls_token" in weights:
+        pos = weights.pop("pos_embed")
+        weights["cls_token"] = weights["cls_token"] + pos[:, :1]
+        weights["pos_embed"] = pos[:, 1:]
+    return weights
 
 
 def _is_state(obj):
@@ -301,8 +333,19 @@ def _check_described_architecture(obj, encoder, path):
                 f"load it with --architecture {arch} --ss-framework {framework}")
 
 
-def _find_state_dict(obj, path):
-    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers down to a flat dict of tensors."""
+def _find_state_dict(obj, path, checkpoint_key=None):
+    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` containers down to a flat dict of tensors;
+    a DINO / DINOv2 training file (``"teacher"``, with or without ``"student"``) gives its
+    ``checkpoint_key`` copy (default the teacher)."""
+    if checkpoint_key is not None or (isinstance(obj, dict) and _is_state(obj.get(DINO_CHECKPOINT_KEY))):
+        key = checkpoint_key or DINO_CHECKPOINT_KEY
+        if not (isinstance(obj, dict) and _is_state(obj.get(key))):
+            top = _names(list(obj), 8) if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(
+                f"checkpoint '{path}' has no state dict of tensors under '{key}' (found: {top}); "
+                "checkpoint_key picks the student or teacher of a DINO training checkpoint: use 'teacher' "
+                "or 'student', or leave it unset for other files")
+        return obj[key]
     for _ in range(3):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
@@ -311,12 +354,6 @@ def _find_state_dict(obj, path):
             break
         obj = inner
     top = _names(list(obj), 8) if isinstance(obj, dict) else type(obj).__name__
-    if isinstance(obj, dict) and {"student", "teacher"} <= set(obj):
-        raise CheckpointError(
-            f"checkpoint '{path}' is a DINO training checkpoint (found: {top}); gissl does not load DINO's "
-            "student/teacher layout. Extract the backbone you want as a plain state dict, e.g. the teacher "
-            "(DINO's own evaluation uses it): {k[len('backbone.'):]: v for k, v in ckpt['teacher'].items() "
-            "if k.startswith('backbone.')}, save it with torch.save and pass that file with --checkpoint")
     raise CheckpointError(
         f"checkpoint '{path}' holds no state dict of tensors (found: {top}); expected a state dict, "
         "or a dict with it under 'state_dict' (MoCo v3) or 'model' (MAE, gissl)")
@@ -362,16 +399,20 @@ def _is_dropped(key):
 
 
 def _fit_pos_embed(pos_embed, encoder, path):
-    """Interpolate a (1, 1 + g*g, D) position embedding to the encoder's grid."""
+    """Interpolate a (1, P + g*g, D) position embedding to the encoder's grid (P = the encoder's
+    ``num_prefix_pos``: 1 CLS position, or 0 for the register models)."""
     target = encoder.pos_embed
     if pos_embed.shape == target.shape or pos_embed.dim() != 3 or pos_embed.shape[-1] != target.shape[-1]:
         return pos_embed  # equal, or a width mismatch reported with the other keys
-    side = math.isqrt(pos_embed.shape[1] - 1)
-    if side * side != pos_embed.shape[1] - 1:
+    prefix = getattr(encoder, "num_prefix_pos", 1)
+    side = math.isqrt(max(pos_embed.shape[1] - prefix, 0))
+    if side * side != pos_embed.shape[1] - prefix:
+        what = "1 CLS position plus a square grid" if prefix else "a square grid (no CLS position)"
         raise CheckpointError(
-            f"checkpoint '{path}': pos_embed has {pos_embed.shape[1]} positions, not 1 CLS position plus a "
-            "square grid, so it cannot be interpolated to this model's grid; use a file with a CLS position")
-    return resample_pos_embed(pos_embed, (side, side), encoder.pos_grid)
+            f"checkpoint '{path}': pos_embed has {pos_embed.shape[1]} positions, not {what} as "
+            f"{getattr(encoder, 'architecture', 'this model')} has, so it cannot be interpolated to this "
+            "model's grid; use a file of the same architecture")
+    return resample_pos_embed(pos_embed, (side, side), encoder.pos_grid, num_prefix=prefix)
 
 
 def _mismatch_message(encoder, path, prefix, weights, missing, unexpected, misshaped, ss_framework):

@@ -1,10 +1,16 @@
-"""Vision Transformer encoders (ViT-T/S/B/L patch 16, ViT-H patch 14) with timm's parameter names.
+"""Vision Transformer encoders (ViT-T/S/B/L patch 16, ViT-H patch 14, DINOv2 ViT-S/B/L patch 14
+with and without registers) with timm's parameter names.
 
 Parameter names equal timm's ``vit_base_patch16_224`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``),
 so timm, MoCo v3 and MAE weights load without renaming (docs/ssl4gie.md §3.3: patch 16, MLP ratio 4,
 qkv bias, LayerNorm eps 1e-6; ViT-L/16 and ViT-H/14 are timm's ``vit_large_patch16_224`` /
 ``vit_huge_patch14_224``, the same block with other widths, depths and patch size).
+DINOv2 (Oquab et al., 2023; registers: Darcet et al., ICLR 2024) adds LayerScale
+(``blocks.{i}.ls1.gamma`` / ``ls2.gamma``) and, for the ``reg4`` models, 4 register tokens
+(``reg_token``) after the CLS token; those models use timm's ``no_embed_class`` layout (the CLS
+position folded into ``cls_token``, ``pos_embed`` for the patches only), as timm's
+``vit_*_patch14_reg4_dinov2``.
 Attention runs through ``F.scaled_dot_product_attention`` (except CPU training, see :func:`attention`).
 Any input whose height and width are multiples of the patch size p works: the patch part of the
 position embedding is interpolated to the token grid, the CLS position is kept.
@@ -21,6 +27,13 @@ OUT_INDICES = (2, 5, 8, 11)
 # ICCV 2021); ViT-H/14's 32 blocks are split the same way.
 OUT_INDICES_24 = (5, 11, 17, 23)
 OUT_INDICES_32 = (7, 15, 23, 31)
+# DINOv2's own dense heads tap ViT-L/14 at blocks 4/11/17/23 (facebookresearch/dinov2 hub/depthers.py,
+# Depth Anything's intermediate_layer_idx "vitl"); ViT-S/B/14 at 2/5/8/11 as OUT_INDICES.
+OUT_INDICES_DINOV2_L = (4, 11, 17, 23)
+# DINOv2 grid: 518 px = 37 × 14 (timm's vit_*_patch14_dinov2 img_size, Meta's hub models).
+DINOV2_IMG_SIZE = 518
+# LayerScale init of timm's DINOv2 builders (pretrained weights overwrite it).
+DINOV2_INIT_VALUES = 1e-5
 # Longest sequence for which CPU training uses the explicit attention of :func:`attention`
 # (its (N, heads, L, L) score matrix grows as L²; 1024 tokens = a 512x512 image at patch 16).
 EXPLICIT_ATTENTION_MAX_TOKENS = 1024
@@ -160,33 +173,52 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (timm ``Block`` without layer scale / drop path)."""
+class LayerScale(nn.Module):
+    """Per-channel scale ``x * gamma`` (Touvron et al., CaiT; timm / DINOv2 ``LayerScale``)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+    def __init__(self, dim, init_values):
         super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm ``Block`` without drop path); LayerScale when
+    ``init_values`` is given (DINOv2), else none (``ls1`` / ``ls2`` are identities without parameters)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=None):
+        super().__init__()
+        # attribute order = timm's state-dict order (norm1, attn, ls1, norm2, mlp, ls2)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def forward(self, x, grid=None):
         """x: (N, L, D) -> (N, L, D); grid (h, w) of the patch tokens, for windowed attention."""
-        x = x + self.attn(self.norm1(x), grid)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x), grid))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
     """ViT encoder. ``forward``: (N, 3, H, W) -> (N, D) CLS token after the final LayerNorm.
 
-    ``forward_features``: the outputs of blocks ``out_indices`` (before the final norm, CLS
-    dropped) as 4 maps (N, D, H/p, W/p), p = ``patch_size`` (also ``feature_strides``).
+    ``forward_features``: the outputs of blocks ``out_indices`` (before the final norm, CLS and
+    register tokens dropped) as 4 maps (N, D, H/p, W/p), p = ``patch_size`` (also ``feature_strides``).
     ``img_size`` sets the grid of the stored ``pos_embed`` (int or (H, W), a multiple of p);
     other input sizes interpolate it on the fly.
+    ``init_values``: LayerScale in every block (DINOv2). ``reg_tokens``: register tokens after the
+    CLS token (``num_prefix_tokens`` = 1 + reg_tokens); they have no position, and the CLS token
+    has none either (``num_prefix_pos`` = 0, timm's ``no_embed_class``): ``pos_embed`` then holds
+    the patch grid only.
     """
 
     def __init__(self, *, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16,
-                 img_size=224, out_indices=OUT_INDICES, architecture="vit"):
+                 img_size=224, out_indices=OUT_INDICES, architecture="vit", init_values=None, reg_tokens=0):
         super().__init__()
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_h % patch_size or img_w % patch_size:
@@ -201,11 +233,16 @@ class VisionTransformer(nn.Module):
         self.out_indices = tuple(out_indices)
         self.feature_dims = [embed_dim] * len(self.out_indices)
         self.feature_strides = [patch_size] * len(self.out_indices)
+        self.num_prefix_tokens = 1 + reg_tokens
+        self.num_prefix_pos = 0 if reg_tokens else 1  # timm's reg4 DINOv2: no_embed_class
 
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        # parameter order = timm's (cls_token, reg_token, pos_embed, patch_embed, blocks, norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid[0] * self.pos_grid[1], embed_dim))
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.num_prefix_pos + self.pos_grid[0] * self.pos_grid[1], embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, init_values) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
 
@@ -213,14 +250,17 @@ class VisionTransformer(nn.Module):
         # timm's default ViT init: trunc-normal 0.02 for pos_embed and Linear weights, zero biases.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     def pos_embed_for(self, h, w):
-        """Position embedding (1, 1 + h*w, D) for an h×w token grid (CLS position first)."""
-        return resample_pos_embed(self.pos_embed, self.pos_grid, (h, w))
+        """Position embedding (1, P + h*w, D) for an h×w token grid, P = ``num_prefix_pos``
+        (1: the CLS position first; 0 for the register models, whose prefix tokens have none)."""
+        return resample_pos_embed(self.pos_embed, self.pos_grid, (h, w), num_prefix=self.num_prefix_pos)
 
     def set_window_attention(self, window_size, blocks=None):
         """Use attention in window_size×window_size token windows in ``blocks``, global elsewhere.
@@ -247,14 +287,20 @@ class VisionTransformer(nn.Module):
         return [i for i, blk in enumerate(self.blocks) if blk.attn.window_size is not None]
 
     def tokens(self, x):
-        """Patch + CLS tokens with position embedding: (N, 3, H, W) -> ((N, 1 + h*w, D), (h, w))."""
+        """CLS [+ register] + patch tokens with position embedding:
+        (N, 3, H, W) -> ((N, num_prefix_tokens + h*w, D), (h, w))."""
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.pos_embed_for(h, w), (h, w)
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
+        pos = self.pos_embed_for(h, w)
+        if self.num_prefix_pos == 0:  # timm's no_embed_class: positions for the patches only
+            return torch.cat(prefix + [x + pos], dim=1), (h, w)
+        return torch.cat(prefix + [x], dim=1) + pos, (h, w)
 
     def forward_tokens(self, x):
-        """All tokens after the final LayerNorm: (N, 3, H, W) -> (N, 1 + H/p * W/p, D)."""
+        """All tokens after the final LayerNorm: (N, 3, H, W) -> (N, num_prefix_tokens + H/p * W/p, D)."""
         x, grid = self.tokens(x)
         for blk in self.blocks:
             x = blk(x, grid)
@@ -271,7 +317,8 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks[: max(self.out_indices) + 1]):
             x = blk(x, (h, w))
             if i in self.out_indices:
-                feats.append(x[:, 1:].transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w))
+                patches = x[:, self.num_prefix_tokens:]  # CLS and registers dropped
+                feats.append(patches.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w))
         return feats
 
 
@@ -314,3 +361,41 @@ def vit_h(img_size=224, num_heads=16):
     """
     return VisionTransformer(embed_dim=1280, depth=32, num_heads=num_heads, patch_size=14, img_size=img_size,
                              out_indices=OUT_INDICES_32, architecture="vit_h")
+
+
+def _dinov2(embed_dim, depth, num_heads, img_size, reg_tokens, out_indices, architecture):
+    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=14,
+                             img_size=img_size, out_indices=out_indices, architecture=architecture,
+                             init_values=DINOV2_INIT_VALUES, reg_tokens=reg_tokens)
+
+
+def vit_s14_dinov2(img_size=DINOV2_IMG_SIZE, num_heads=6):
+    """DINOv2 ViT-S/14: 384-d, 12 blocks, 6 heads, LayerScale (timm ``vit_small_patch14_dinov2``,
+    Meta's ``dinov2_vits14``). Default grid 37×37 (518 px); inputs must be multiples of 14."""
+    return _dinov2(384, 12, num_heads, img_size, 0, OUT_INDICES, "vit_s14_dinov2")
+
+
+def vit_s14_reg4_dinov2(img_size=DINOV2_IMG_SIZE, num_heads=6):
+    """DINOv2 ViT-S/14 with 4 registers (timm ``vit_small_patch14_reg4_dinov2``, Meta's ``dinov2_vits14_reg``)."""
+    return _dinov2(384, 12, num_heads, img_size, 4, OUT_INDICES, "vit_s14_reg4_dinov2")
+
+
+def vit_b14_dinov2(img_size=DINOV2_IMG_SIZE, num_heads=12):
+    """DINOv2 ViT-B/14: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch14_dinov2``, Meta's ``dinov2_vitb14``)."""
+    return _dinov2(768, 12, num_heads, img_size, 0, OUT_INDICES, "vit_b14_dinov2")
+
+
+def vit_b14_reg4_dinov2(img_size=DINOV2_IMG_SIZE, num_heads=12):
+    """DINOv2 ViT-B/14 with 4 registers (timm ``vit_base_patch14_reg4_dinov2``, Meta's ``dinov2_vitb14_reg``)."""
+    return _dinov2(768, 12, num_heads, img_size, 4, OUT_INDICES, "vit_b14_reg4_dinov2")
+
+
+def vit_l14_dinov2(img_size=DINOV2_IMG_SIZE, num_heads=16):
+    """DINOv2 ViT-L/14: 1024-d, 24 blocks, 16 heads (timm ``vit_large_patch14_dinov2``, Meta's
+    ``dinov2_vitl14``); ``forward_features`` taps blocks 4/11/17/23 (``OUT_INDICES_DINOV2_L``)."""
+    return _dinov2(1024, 24, num_heads, img_size, 0, OUT_INDICES_DINOV2_L, "vit_l14_dinov2")
+
+
+def vit_l14_reg4_dinov2(img_size=DINOV2_IMG_SIZE, num_heads=16):
+    """DINOv2 ViT-L/14 with 4 registers (timm ``vit_large_patch14_reg4_dinov2``, Meta's ``dinov2_vitl14_reg``)."""
+    return _dinov2(1024, 24, num_heads, img_size, 4, OUT_INDICES_DINOV2_L, "vit_l14_reg4_dinov2")

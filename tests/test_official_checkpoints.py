@@ -192,9 +192,9 @@ def test_namespace_holding_code_is_still_refused(tmp_path):
     assert not (tmp_path / "code-ran").exists()
 
 
-def test_dino_training_checkpoint_says_what_it_is(tmp_path):
-    """Item 6: DINO's checkpoint.pth (student, teacher, optimizer, epoch, args, dino_loss) is read as data
-    and refused with what it is and what to do, not as an unsafe pickle."""
+def test_dino_training_checkpoint_loads_its_teacher(tmp_path):
+    """Item 6 / #17: DINO's checkpoint.pth (student, teacher, optimizer, epoch, args, dino_loss) is read as
+    data, not refused as an unsafe pickle, and gives the teacher backbone (DINO's evaluation default)."""
     torch.manual_seed(0)
     backbone = build_encoder("vit_t").state_dict()
     head = {"mlp.0.weight": torch.randn(8, 192), "last_layer.weight_g": torch.ones(16, 1)}
@@ -208,8 +208,10 @@ def test_dino_training_checkpoint_says_what_it_is(tmp_path):
                 "args": args, "dino_loss": {"center": torch.zeros(1, 65536)},
                 "fp16_scaler": {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                 "growth_interval": 2000, "_growth_tracker": 7}}, tmp_path / "checkpoint.pth")
-    with pytest.raises(CheckpointError, match="is a DINO training checkpoint.*student/teacher.*teacher"):
-        load_pretrained(build_encoder("vit_t"), tmp_path / "checkpoint.pth", "mocov3")
+    encoder = build_encoder("vit_t")
+    load_pretrained(encoder, tmp_path / "checkpoint.pth", "mocov3")
+    for k, v in backbone.items():
+        assert torch.equal(encoder.state_dict()[k], v), k
 
 
 # --- item 7: TorchScript programs ------------------------------------------------------------------

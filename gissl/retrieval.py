@@ -96,6 +96,10 @@ class RetrievalModel(nn.Module):
         self.mask_ratio = mask_ratio if self.is_vit else 0.0
         if not 0.0 <= self.mask_ratio < 1.0:
             raise UserError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
+        if self.mask_ratio > 0 and getattr(encoder, "num_prefix_tokens", 1) != 1:
+            raise UserError(f"the masked reconstruction pass builds its own token sequence and does not know "
+                            f"{encoder.architecture}'s register tokens; use --mask-ratio 0 with it, or a ViT "
+                            "without registers")
         self.head = nn.Linear(encoder.embed_dim, dim)
         if self.is_vit and self.mask_ratio > 0:
             from gissl.ssl.mae import add_pixel_decoder

@@ -313,3 +313,18 @@ def test_dpt_runs_on_dinov2(arch):
 def test_detection_refuses_patch_14():
     with pytest.raises(UserError, match="detection needs a patch-16 ViT.*vit_s14_dinov2 has patch 14"):
         build_detector(build_encoder("vit_s14_dinov2"))
+
+
+def test_register_models_are_refused_where_tokens_are_built_by_hand():
+    """MAE and retrieval's masked pass assemble their own token sequence: with register tokens
+    they stop with a named error instead of a shape mismatch; retrieval without masking works."""
+    from gissl.errors import UserError
+    from gissl.models import build_encoder
+    from gissl.retrieval import RetrievalModel
+    from gissl.ssl.mae import MAE
+    encoder = build_encoder("vit_s14_reg4_dinov2", img_size=56)
+    with pytest.raises(UserError, match="register tokens; use --mask-ratio 0"):
+        RetrievalModel(encoder)
+    with pytest.raises(UserError, match="MAE .*register tokens"):
+        MAE(encoder)
+    assert RetrievalModel(encoder, mask_ratio=0).mask_ratio == 0

@@ -121,6 +121,9 @@ class MAE(nn.Module):
         if not hasattr(encoder, "patch_embed"):
             raise UserError(f"MAE needs a ViT encoder; {encoder.architecture} has no patch embedding "
                             "(use --architecture vit_t / vit_s / vit_b)")
+        if getattr(encoder, "num_prefix_tokens", 1) != 1:
+            raise UserError(f"MAE builds its own token sequence and does not know {encoder.architecture}'s "
+                            "register tokens; pretrain a ViT without registers")
         self.encoder = encoder
         set_sincos_pos_embed(encoder)
         self.mask_ratio = mask_ratio

@@ -69,6 +69,9 @@ def load(args, device):
         return R.ScriptedDescriptor(args.descriptor_model).to(device).eval()
     if args.untrained:
         model = R.build_model(cli.encoder(args, img_size=args.image_size), **cli.model_kwargs(R.build_model, args))
+        if args.checkpoint and R.load_projection_head(model, args.checkpoint):
+            print(f"--checkpoint '{args.checkpoint}' holds its own projection (SSCD layout): loaded as the "
+                  "head; --use-head gives that file's descriptor", flush=True)
         model = prepare_for_eval(model, device)
     else:
         # --dataset is what to evaluate on; --train-dataset names the checkpoint

@@ -176,6 +176,26 @@ class DescriptorModel(nn.Module):
         return F.normalize(self.head(x).float(), dim=1)
 
 
+def load_projection_head(model, path):
+    """Copy a descriptor file's own projection into ``model.head`` when it has one of the right
+    shape: SSCD's ``*.torchvision.pt`` (``Model("TV_RESNET50", 512, 3.0)``: ``backbone.*`` with a
+    ``backbone.fc`` Linear after GeM pooling), so that ``descriptor(use_head=True)`` is SSCD's
+    L2(fc(GeM(trunk))). The trunk itself loads through ``--checkpoint`` as usual (the loader drops
+    ``fc`` as a head). Returns the key prefix used, or ``None`` (nothing copied)."""
+    from gissl.checkpoint import load_file
+    state = load_file(path)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    for prefix in ("backbone.fc.", "module.backbone.fc."):
+        weight, bias = state.get(prefix + "weight"), state.get(prefix + "bias")
+        if torch.is_tensor(weight) and tuple(weight.shape) == tuple(model.head.weight.shape):
+            with torch.no_grad():
+                model.head.weight.copy_(weight)
+                if torch.is_tensor(bias):
+                    model.head.bias.copy_(bias)
+            return prefix
+    return None
+
+
 class ScriptedDescriptor(nn.Module):
     """A TorchScript descriptor model used as it is (``--descriptor-model``): SSCD's released
     ``*.torchscript.pt`` files or gissl's own ``--export-torchscript`` output. Takes (N, 3, H, W)

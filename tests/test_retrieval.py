@@ -347,3 +347,45 @@ def test_sscd_torchvision_file_gives_sscd_descriptor(tmp_path):
     got = R.extract_descriptors(model, paths, image_size=32, batch_size=3, device=torch.device("cpu"),
                                 use_head=True, amp=False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_endofinder_training_checkpoint_gives_its_encoder_and_head(tmp_path):
+    """#17: EndoFinder's checkpoint-N.pth as its polyp_pretrain.py saves it (MAE's save_model:
+    model / optimizer / epoch / scaler / args Namespace; the model's own keys: the ViT encoder,
+    target_embed (the fixed mask-patch summer), head (Linear to 512), the MAE decoder) loads the
+    encoder, and its head becomes the retrieval projection. Built for vit_t widths (the layout is
+    the same at ViT-L's)."""
+    import argparse
+
+    import eval_retrieval
+    from gissl import retrieval as R
+    from gissl.models import build_encoder
+    from gissl.retrieval_data import synthetic_twin_root, twin_set
+    torch.manual_seed(0)
+    source = build_encoder("vit_t").eval()
+    d, dec = source.embed_dim, 32
+    model_state = dict(source.state_dict())
+    model_state.update({"target_embed.proj.weight": torch.ones(1, 1, 16, 16), "head.weight": torch.randn(512, d),
+                        "head.bias": torch.randn(512), "decoder_embed.weight": torch.randn(dec, d),
+                        "decoder_embed.bias": torch.zeros(dec), "mask_token": torch.zeros(1, 1, dec),
+                        "decoder_pos_embed": torch.zeros(1, 197, dec), "decoder_blocks.0.norm1.weight": torch.ones(dec),
+                        "decoder_norm.weight": torch.ones(dec), "decoder_pred.weight": torch.randn(768, dec)})
+    args = argparse.Namespace(model="mae_vit_large_patch16", mask_ratio=0.5, batch_size=32, epochs=100,
+                              entropy_weight=5, mse_weight=0.5, blr=1e-3, output_dir="./output_dir")
+    path = tmp_path / "checkpoint-99.pth"
+    torch.save({"model": model_state, "optimizer": torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]).state_dict(),
+                "epoch": 99, "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                        "growth_interval": 2000, "_growth_tracker": 0}, "args": args}, path)
+    flags = ["--untrained", "--pretraining", "ImageNet_self", "--ss-framework", "mae", "--checkpoint", str(path),
+             "--architecture", "vit_t", "--mask-ratio", "0", "--image-size", "224", "--device", "cpu", "--no-amp"]
+    model = eval_retrieval.load(eval_retrieval.get_args(flags), torch.device("cpu"))
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v), k
+    assert torch.equal(model.head.weight, model_state["head.weight"])
+    paths = twin_set(synthetic_twin_root())["queries"][:2]
+    cls = R.extract_descriptors(model, paths, image_size=224, batch_size=2, device=torch.device("cpu"), amp=False)
+    from gissl.retrieval_data import ImageListDataset
+    images = torch.stack([ImageListDataset(paths, 224)[i]["image"] for i in range(2)])
+    with torch.no_grad():  # EndoFinder's descriptor: the CLS token after the final norm, L2-normalised
+        np.testing.assert_allclose(cls, torch.nn.functional.normalize(source(images), dim=1).numpy(),
+                                   rtol=1e-5, atol=1e-6)

@@ -42,8 +42,10 @@ _CONTAINER_KEYS = ("state_dict", "model")
 # head norm), MAE's mask token and decoder.
 # Heads that a file may hold beside its encoder, dropped on purpose: classifiers (fc, head,
 # classifier), MAE's decoder, and SwAV / DeepCluster-v2 / SeLa-v2's projection_head and
-# prototypes (a Linear, or MultiPrototypes' prototypes0, prototypes1, ...).
-_DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.", "projection_head.", "prototypes")
+# prototypes (a Linear, or MultiPrototypes' prototypes0, prototypes1, ...), and EndoFinder's
+# fixed mask-patch summer target_embed (a frozen all-ones conv over the polyp mask).
+_DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.", "projection_head.", "prototypes",
+                     "target_embed.")
 # torchvision's released DenseNet files keep the names of its first DenseNet code
 # ("denselayer1.norm.1.weight" for today's "denselayer1.norm1.weight"); torchvision renames them
 # on load with this pattern, and so does gissl.

@@ -340,3 +340,35 @@ def test_swav_family_release_loads_its_trunk(prototypes, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(encoder.eval()(x), trunk(x), rtol=0, atol=0)
+
+
+# --- #17 item 2: MoCo-CXR (stanfordmlgroup/MoCo-CXR) DenseNet-121 and ResNet-18 files -------------
+
+@pytest.mark.parametrize("arch, mlp", [("densenet121", True), ("resnet18", False)])
+def test_moco_cxr_file_loads_its_query_encoder(arch, mlp, tmp_path):
+    """MoCo-CXR's main_moco.py checkpoint (d1w-00001.pth.tar: DenseNet-121, r8w-00001.pth.tar:
+    ResNet-18): {'epoch', 'arch', 'state_dict' of the DDP MoCo model, 'optimizer'}; the query and
+    key encoders are torchvision models whose classifier / fc became the MoCo head (an MLP with
+    --mlp), plus the queue. gissl takes encoder_q (the rule: query over key) and drops the head."""
+    torch.manual_seed(0)
+    make = getattr(torchvision.models, arch)
+    query, key = make(num_classes=128).eval(), make(num_classes=128)
+    head = "classifier" if arch == "densenet121" else "fc"
+    if mlp:
+        width = getattr(query, head).weight.shape[1]
+        for m in (query, key):
+            setattr(m, head, nn.Sequential(nn.Linear(width, width), nn.ReLU(), getattr(m, head)))
+    for p in key.parameters():
+        p.data.add_(1.0)  # the momentum copy differs: loading it would change every feature
+    state = {f"module.encoder_q.{k}": v for k, v in query.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": v for k, v in key.state_dict().items()})
+    state.update({"module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    path = tmp_path / ("d1w-00001.pth.tar" if arch == "densenet121" else "r8w-00001.pth.tar")
+    torch.save({"epoch": 20, "arch": arch, "state_dict": state,
+                "optimizer": torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1e-4, momentum=0.9).state_dict()},
+               path)
+    encoder = build_encoder(arch, "ImageNet_class", checkpoint=str(path)).eval()
+    setattr(query, head, nn.Identity())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), query(x), rtol=0, atol=1e-6)

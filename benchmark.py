@@ -14,7 +14,7 @@ JSON file, ``--json``):
   set-ups whose steps take turns, so machine load hits them alike:
   gissl (default: bf16 autocast, fused AdamW, channels_last ResNets on CUDA and CPU),
   reference (timm / torchvision + default ``torch.optim.AdamW`` + fp32 on CPU, fp16 autocast
-  with GradScaler on GPU, docs/ssl4gie.md §4.1) and best timm/torchvision (fused AdamW + bf16). The
+  with GradScaler on GPU, docs/ssl4gie-study.md §4.1) and best timm/torchvision (fused AdamW + bf16). The
   gissl row gives its ratio to both, and every row its MFU: FLOPs of one step counted by
   ``torch.utils.flop_counter.FlopCounterMode`` divided by step time and the matmul peak of the
   row's dtype (``mfu``: the best peak of the run; ``mfu sus``: the median of 2048^3 matmuls
@@ -279,7 +279,7 @@ def _setups(arch, images, device, lr=1e-4):
     del probe
 
     def reference():
-        # docs/ssl4gie.md §4.1: torch.optim.AdamW(model.parameters(), lr) with every default, fp16
+        # docs/ssl4gie-study.md §4.1: torch.optim.AdamW(model.parameters(), lr) with every default, fp16
         # autocast + GradScaler on GPU; on CPU the reference had no AMP at all
         model = _reference_encoder(arch, images.shape[-1])[1]
         fp16 = device.type == "cuda"
@@ -479,7 +479,7 @@ def _eval_runs(task, model, data, device, batch):
             return {"RMSE": s["RMSE"], "Absolute Error": s["Absolute Error"]}
     return {("gissl", True, batch): lambda: run(batch, True),
             ("gissl fp32", False, batch): lambda: run(batch, False),
-            # the reference evaluates one image at a time in fp32 (docs/ssl4gie.md §2.6, §5)
+            # the reference evaluates one image at a time in fp32 (docs/ssl4gie-study.md §2.6, §5)
             ("reference", False, 1): lambda: run(1, False)}
 
 

@@ -1,5 +1,5 @@
 """Training-pipeline throughput per CPU core: gissl's data pipeline vs a re-implementation of
-SSL4GIE's (docs/ssl4gie.md §2.4, segmentation: the task with every augmentation).
+SSL4GIE's (docs/ssl4gie-study.md §2.4, segmentation: the task with every augmentation).
 
 Both pipelines read the same 1280x1072 JPEG frames and JPEG masks (synthetic, Kvasir-SEG
 format) in one process with one thread, and produce a normalised (3, S, S) image and a
@@ -47,7 +47,7 @@ def make_frames(folder, num, seed=0):
 
 
 class ReferencePipeline:
-    """SSL4GIE Binary_segmentation train sample, re-implemented from docs/ssl4gie.md §2.4."""
+    """SSL4GIE Binary_segmentation train sample, re-implemented from docs/ssl4gie-study.md §2.4."""
 
     def __init__(self, size):
         self.size = size

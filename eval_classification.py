@@ -3,7 +3,7 @@
 Appends the reference's lines (``mF1``, ``mPrecision``, ``mRecall``, ``Accuracy``) to
 ``eval_results.txt`` plus balanced accuracy, macro AUROC, top-3 accuracy and the classes absent
 from the test split; prints the per-class table; saves the confusion matrix as a PNG.
-Macro scores average over the classes present in the test split (no ε/ε = 1, docs/ssl4gie.md §8 item 10).
+Macro scores average over the classes present in the test split (no ε/ε = 1, docs/ssl4gie-study.md §8 item 10).
 
     python eval_classification.py --architecture resnet18 --dataset Hyperkvasir_anatomical --image-size 64
 """

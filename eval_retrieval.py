@@ -1,6 +1,6 @@
 """Evaluate a polyp-retrieval descriptor.
 
-``--dataset PolypTwin`` (default): EndoFinder's copy-detection protocol (docs/endofinder.md §3) on
+``--dataset PolypTwin`` (default): EndoFinder's copy-detection protocol (docs/endofinder-retrieval.md §3) on
 ``<root>/val_query/``, ``<root>/val_ref/`` and ``<root>/val_groundtruth_matches.csv``: the k
 best references of every query are pooled and scored with micro-AP, accuracy@1 and recall at
 90 % precision (ISC2021 definitions, worst-case ties). Without ``--data-root`` the built-in

@@ -2,7 +2,7 @@
 
 For every ``--query`` image: a picture ``Predictions/retrieval-<gallery>/<query>.png`` with the
 query and its k nearest gallery images, each captioned with its label and cosine similarity,
-and the neighbour vote ("7 of 10 nearest cases were polyps", docs/endofinder.md §4), plus a JSON file
+and the neighbour vote ("7 of 10 nearest cases were polyps", docs/endofinder-retrieval.md §4), plus a JSON file
 with the same content. ``--gallery`` is a folder (``<class>/<images>`` sub-folders give labels;
 a flat folder gives unlabelled cases) or an index saved with ``--save-index``. Without
 ``--gallery`` / ``--query`` the built-in synthetic Hyperkvasir_pathological set is used

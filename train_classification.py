@@ -1,6 +1,6 @@
 """Finetune an encoder + linear head to classify HyperKvasir images (or any class folders).
 
-As SSL4GIE's ``Classification/train_classification.py`` (docs/ssl4gie.md §4.2): class-weighted
+As SSL4GIE's ``Classification/train_classification.py`` (docs/ssl4gie-study.md §4.2): class-weighted
 cross-entropy, AdamW, model selection on validation macro F1; the class weights come from the
 training split only and the split can be stratified.
 

@@ -1,6 +1,6 @@
 """Finetune an encoder + DPT decoder for colonoscopy depth on C3VD (SSL4GIE's ``train_depth.py``).
 
-Scale-and-shift-invariant loss with multi-scale gradient matching (α = 0.1, docs/ssl4gie.md
+Scale-and-shift-invariant loss with multi-scale gradient matching (α = 0.1, docs/ssl4gie-study.md
 §4.3) plus a weak unaligned anchor (``--anchor-weight``), AdamW, model selection on the
 validation videos' aligned RMSE in mm (lower is better). Without ``--data-root`` it trains on
 the built-in synthetic C3VD, e.g.:

@@ -1,6 +1,6 @@
 """Finetune an encoder as a Faster R-CNN polyp detector (SSL4GIE's ``train_detection.py``).
 
-torchvision's Faster R-CNN with its four losses summed (docs/ssl4gie.md §4.2), AdamW, model
+torchvision's Faster R-CNN with its four losses summed (docs/ssl4gie-study.md §4.2), AdamW, model
 selection on the validation split's COCO AP@[.5:.95] (never the test split). ``--batch-size``
 is the global batch of one optimizer step, as in every train script: each process loads
 batch/world/accum_iter images per forward and ``--accum_iter`` forwards are accumulated (the

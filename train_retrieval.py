@@ -1,6 +1,6 @@
 """Train a polyp-retrieval descriptor (EndoFinder, MICCAI 2024, on SSCD's loss).
 
-Loss (docs/endofinder.md §1.4-1.5): SSCD InfoNCE over the two augmented views of every image
+Loss (docs/endofinder-retrieval.md §1.4-1.5): SSCD InfoNCE over the two augmented views of every image
 (temperature 0.05, negatives gathered from every rank) + ``--entropy-weight`` x KoLeo
 (EndoFinder 5, SSCD 30) + ``--mse-weight`` x the ViT's masked-patch reconstruction, where the
 masking keeps every patch that touches the polyp mask visible (random masking for images

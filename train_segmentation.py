@@ -1,7 +1,7 @@
 """Finetune an encoder + DPT decoder for polyp segmentation (SSL4GIE's ``train_segmentation.py``).
 
 Soft Dice loss (optionally + BCE), AdamW, model selection on the validation split's Dice at
-original resolution (docs/ssl4gie.md §4.2, without looking at test). Without ``--data-root``
+original resolution (docs/ssl4gie-study.md §4.2, without looking at test). Without ``--data-root``
 it trains on the built-in synthetic Kvasir-SEG, e.g. (a few minutes on a 2-core CPU):
 
     python train_segmentation.py --architecture resnet18 --image-size 128 --epochs 12 \

@@ -1,8 +1,8 @@
 """Image classification: encoder + linear head, and what train / eval / predict share.
 
-SSL4GIE's classification task (docs/ssl4gie.md §2.2, §4.2, §5.1) with its bugs fixed: class
-weights come from the training split only (docs/ssl4gie.md §8 item 11), and the scores are
-:func:`gissl.metrics.classification_metrics` (no ε/ε = 1, docs/ssl4gie.md §8 item 10).
+SSL4GIE's classification task (docs/ssl4gie-study.md §2.2, §4.2, §5.1) with its bugs fixed: class
+weights come from the training split only (docs/ssl4gie-study.md §8 item 11), and the scores are
+:func:`gissl.metrics.classification_metrics` (no ε/ε = 1, docs/ssl4gie-study.md §8 item 10).
 """
 import csv
 import os
@@ -72,8 +72,8 @@ def build_datasets(dataset, root, *, image_size=224, split="random", seed=42, sk
 
 def class_weights(labels, num_classes):
     """Cross-entropy class weights `(C,)` from the **training** labels `(N,)`:
-    ``w_c = N / (C · N_c)`` (the reference's formula, docs/ssl4gie.md §2.2, which used the whole
-    dataset instead, docs/ssl4gie.md §8 item 11). A class with no training sample gets weight 0: it never
+    ``w_c = N / (C · N_c)`` (the reference's formula, docs/ssl4gie-study.md §2.2, which used the whole
+    dataset instead, docs/ssl4gie-study.md §8 item 11). A class with no training sample gets weight 0: it never
     appears as a target, so its weight never enters the loss."""
     counts = torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).double()
     w = counts.sum() / (num_classes * counts.clamp(min=1))
@@ -113,7 +113,7 @@ def predict(model, loader, device, amp=False):
 
 def make_validate(loader, device, amp=True):
     """``validate(model) -> macro F1`` on ``loader`` (classes present there): the reference's
-    model-selection metric (docs/ssl4gie.md §4.2), defined without its smoothing; under autocast
+    model-selection metric (docs/ssl4gie-study.md §4.2), defined without its smoothing; under autocast
     unless ``amp`` is False (``--no-amp``), as training and evaluation."""
     from gissl.metrics import classification_metrics
 

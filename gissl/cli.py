@@ -1,6 +1,6 @@
 """The command line shared by every script: the only module that reads an argparse Namespace.
 
-SSL4GIE's flags keep their names and meanings (docs/ssl4gie.md §1) so its users can switch
+SSL4GIE's flags keep their names and meanings (docs/ssl4gie-study.md §1) so its users can switch
 without relearning; gissl adds the same extra flags to every script. Each task module adds
 its own flags with ``add_arguments(parser, stage)`` and otherwise takes keyword arguments;
 the functions here turn flags into those keyword arguments (:func:`encoder`,
@@ -267,7 +267,7 @@ def encoder(args, pretrained=None, **kwargs):
 
     Eval and predict build a randomly initialised encoder: the finetuned checkpoint
     overwrites every weight, so nothing pretrained needs to be present (the reference
-    downloaded ImageNet weights only to overwrite them, docs/ssl4gie.md §8 item 4)."""
+    downloaded ImageNet weights only to overwrite them, docs/ssl4gie-study.md §8 item 4)."""
     from gissl.models import build_encoder, vit_num_heads
     if not (args.pretrained_encoder if pretrained is None else pretrained):
         # the head count follows --ss-framework (MoCo v3's ViT-S), as when training

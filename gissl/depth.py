@@ -4,9 +4,9 @@ Model: encoder + DPT decoder with an unbounded (``--depth-output linear``, defau
 SSL4GIE, a sigmoid depth head (``gissl.models.dpt.DepthHead`` says why the sigmoid collapses),
 trained on targets in the reference's unit where 1.0 = 100 mm (C3VD stores 0-100 mm as
 0-65535; the reference divided by 65535). Loss: MiDaS scale-and-shift-invariant loss with multi-scale gradient matching,
-α = 0.1 (docs/ssl4gie.md §4.3), on targets in that unit, so α weighs the two terms as in the reference.
+α = 0.1 (docs/ssl4gie-study.md §4.3), on targets in that unit, so α weighs the two terms as in the reference.
 
-Evaluation (docs/ssl4gie.md §5.4), per frame: align the prediction to the ground truth on the network's
+Evaluation (docs/ssl4gie-study.md §5.4), per frame: align the prediction to the ground truth on the network's
 square grid (least-squares scale and shift by default; ``median`` scaling or ``none`` = the raw
 output read as metric depth), map it back to the original frame (undo the square padding),
 clamp to the valid range [0, 100] mm, and measure over valid pixels (ground truth > 0) in
@@ -35,10 +35,10 @@ from gissl.pictures import caption, colourize, hstack, save_picture, scale_bar, 
 DATASETS = ("C3VD",)
 # Weight of the unaligned MSE that holds the output's level and range (see compute_losses).
 ANCHOR_WEIGHT = 0.01
-DEPTH_UNIT_MM = 100.0   # model / loss unit: 1.0 = 100 mm (C3VD's full 16-bit range, docs/ssl4gie.md §2.5)
+DEPTH_UNIT_MM = 100.0   # model / loss unit: 1.0 = 100 mm (C3VD's full 16-bit range, docs/ssl4gie-study.md §2.5)
 MAX_DEPTH_MM = 100.0    # predictions are clamped to C3VD's range, as the reference's clamp to [0, 1]
 ALIGNMENTS = ("scale-shift", "median", "none")
-# Error maps saturate here instead of wrapping around (docs/ssl4gie.md §8 item 16); the reference's
+# Error maps saturate here instead of wrapping around (docs/ssl4gie-study.md §8 item 16); the reference's
 # picture scale was |error| × 3.5 in its unit, i.e. full scale at 100 / 3.5 ≈ 28.6 mm.
 ERROR_MAX_MM = DEPTH_UNIT_MM / 3.5
 
@@ -94,7 +94,7 @@ def compute_losses(model, batch, alpha=0.1, anchor_weight=ANCHOR_WEIGHT):
 def align(pred, target_mm, alignment="scale-shift"):
     """Model output (N, 1, S, S) (relative depth) -> depth in mm fitted to ``target_mm`` (N, 1, S, S).
 
-    ``scale-shift``: least squares over valid pixels (docs/ssl4gie.md §5.4); ``median``: scale by the
+    ``scale-shift``: least squares over valid pixels (docs/ssl4gie-study.md §5.4); ``median``: scale by the
     ratio of medians; ``none``: the output read in the model unit (1 = 100 mm).
     """
     valid = target_mm > 0

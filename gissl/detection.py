@@ -1,5 +1,5 @@
 """Polyp detection: what ``train_detection.py``, ``eval_detection.py`` and
-``predict_detection.py`` share (docs/ssl4gie.md §2.3, §3.4, §4, §5.2, §6).
+``predict_detection.py`` share (docs/ssl4gie-study.md §2.3, §3.4, §4, §5.2, §6).
 
 Datasets: ``Kvasir`` (Kvasir-SEG boxes, the reference's) and ``coco`` (any COCO-format box
 annotation file with ``--annotations FILE``; images under ``--data-root``), both split 80/10/10
@@ -27,8 +27,8 @@ from gissl.models.detection import FIXED_SIZE, WINDOW_SIZE, build_detector
 from gissl.pictures import save_picture, select_positions
 
 DATASETS = ["Kvasir", "coco"]
-RESNET_MIN_SIZE, RESNET_MAX_SIZE = 800, 1333  # torchvision's resize (docs/ssl4gie.md §2.3, ResNet path)
-GT_COLOR, PRED_COLOR = (255, 234, 0), (0, 255, 0)  # the reference's yellow and green (docs/ssl4gie.md §6)
+RESNET_MIN_SIZE, RESNET_MAX_SIZE = 800, 1333  # torchvision's resize (docs/ssl4gie-study.md §2.3, ResNet path)
+GT_COLOR, PRED_COLOR = (255, 234, 0), (0, 255, 0)  # the reference's yellow and green (docs/ssl4gie-study.md §6)
 
 
 # --------------------------------------------------------------------------- flags and model
@@ -206,7 +206,7 @@ class CocoDetectionDataset(DetectionDataset):
 
 
 def build_coco_datasets(root, annotations, fixed_size=None, seed=42, skip_bad=False):
-    """dict(train=, val=, test=) of a COCO annotation file, split like Kvasir (docs/ssl4gie.md §2.1)."""
+    """dict(train=, val=, test=) of a COCO annotation file, split like Kvasir (docs/ssl4gie-study.md §2.1)."""
     samples, categories = read_coco(root, annotations, skip_bad)
     if len(samples) < 3:
         raise DataError(f"{annotations} has {len(samples)} usable images; need at least 3 to split")
@@ -227,7 +227,7 @@ def collate(samples):
 
 def compute_losses(model, batch):
     """torchvision's Faster R-CNN loss dict (``loss_classifier``, ``loss_box_reg``,
-    ``loss_objectness``, ``loss_rpn_box_reg``); the engine sums them with equal weights (docs/ssl4gie.md §4.2)."""
+    ``loss_objectness``, ``loss_rpn_box_reg``); the engine sums them with equal weights (docs/ssl4gie-study.md §4.2)."""
     return model(batch["images"], batch["targets"])
 
 
@@ -282,7 +282,7 @@ def eval_loader(dataset, *, architecture, image_size, batch_size, workers=0):
 
 
 def validation_ap(model, loader, device):
-    """AP@[.5:.95] on ``loader`` (the reference selects on torchmetrics' ``map``, docs/ssl4gie.md §4.2).
+    """AP@[.5:.95] on ``loader`` (the reference selects on torchmetrics' ``map``, docs/ssl4gie-study.md §4.2).
     A split with no box at all has no AP; it then scores 0 (every epoch alike)."""
     predictions, targets, _ = predict(model, loader, device)
     ap = coco_map(predictions, targets)["map"]
@@ -290,7 +290,7 @@ def validation_ap(model, loader, device):
 
 
 def results_lines(metrics):
-    """The reference's ``eval_results.txt`` lines (docs/ssl4gie.md §5.2) plus AR@100."""
+    """The reference's ``eval_results.txt`` lines (docs/ssl4gie-study.md §5.2) plus AR@100."""
     return {"mAP@.5:.95": metrics["map"], "mAP@.5": metrics["map_50"], "mAP@.75": metrics["map_75"],
             "AR@100": metrics["mar_100"]}
 
@@ -344,7 +344,7 @@ def save_predictions(path, dataset, indices, predictions, targets, categories=(1
 # --------------------------------------------------------------------------- pictures
 
 def draw(image, gt_boxes, boxes, scores, threshold=0.5):
-    """The prediction picture (docs/ssl4gie.md §6): ``image`` (3, H, W) uint8 original, ground truth (n, 4) in
+    """The prediction picture (docs/ssl4gie-study.md §6): ``image`` (3, H, W) uint8 original, ground truth (n, 4) in
     yellow, predictions with score >= ``threshold`` in green labelled with their score.
     Returns (3, H, W) uint8."""
     width = max(2, round(max(image.shape[-2:]) / 200))  # the reference's 6 px at ~1200 px

@@ -117,7 +117,7 @@ def make_loader(dataset, *, batch_size, train, workers=2, seed=0, device="cpu",
     each of the ``world`` ranks loads ``batch_size // world`` samples of its own shard; the
     order is fixed by (seed, epoch), the last incomplete batch is dropped, and every
     sample's augmentation is seeded from (seed, epoch, index), so ranks and workers draw
-    distinct random streams (the reference gave every rank the same stream, docs/ssl4gie.md
+    distinct random streams (the reference gave every rank the same stream, docs/ssl4gie-study.md
     §8 item 8) and results do not depend on the number of workers.
     Evaluation (``train=False``): every sample, in order, on this process alone —
     validation runs on rank 0 only, and must see the whole split.

@@ -11,7 +11,7 @@ from gissl import dist
 # ---- segmentation / depth (helper: seg-depth) ----
 
 def soft_dice(logits, target, smooth=1e-8):
-    """SSL4GIE's soft Dice loss (docs/ssl4gie.md §4.2): ``1 - mean_n Dice_n``.
+    """SSL4GIE's soft Dice loss (docs/ssl4gie-study.md §4.2): ``1 - mean_n Dice_n``.
 
     logits: (N, 1, H, W) raw scores; target: (N, 1, H, W) in [0, 1] (soft targets allowed).
     Per image ``Dice = 2 (Σ p·t + smooth) / (Σ p² + Σ t² + smooth)`` with p = sigmoid(logits),
@@ -106,7 +106,7 @@ def _masked_gradient_l1(residual, mask):
 
 
 def scale_shift_invariant(pred, target, mask=None, alpha=0.1, scales=4):
-    """MiDaS scale-and-shift-invariant loss with multi-scale gradient matching (docs/ssl4gie.md §4.3).
+    """MiDaS scale-and-shift-invariant loss with multi-scale gradient matching (docs/ssl4gie-study.md §4.3).
 
     pred: (N, 1, H, W) or (N, H, W); target: same shape; mask: bool, default ``target > 0``.
     Each prediction is aligned to its target by :func:`align_scale_shift` (gradients flow
@@ -234,7 +234,7 @@ def masked_patch_mse(pred, target, mask, norm_pix=False, eps=1e-6):
 
 # ---- retrieval (helper: retrieval) ----
 #
-# SSCD (Pizzi et al., CVPR 2022) as used by EndoFinder (docs/endofinder.md §1.4): the embeddings
+# SSCD (Pizzi et al., CVPR 2022) as used by EndoFinder (docs/endofinder-retrieval.md §1.4): the embeddings
 # of every view in the global batch are compared; rows are this rank's views, columns the
 # views of all ranks. Instance ids are per-rank (a view matches only views of the same rank
 # with an overlapping id), so ranks need no shared numbering. Each returned value is the

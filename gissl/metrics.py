@@ -77,7 +77,7 @@ def _median(x):
 
 
 def depth_errors(pred, target, valid=None):
-    """Per-frame depth errors over valid pixels (docs/ssl4gie.md §5.4 plus the usual δ and abs-rel).
+    """Per-frame depth errors over valid pixels (docs/ssl4gie-study.md §5.4 plus the usual δ and abs-rel).
 
     pred, target: (N, ...) depth in one unit (gissl: millimetres); valid: bool, default
     ``target > 0``. Returns a dict of (N,) float64 tensors: ``rmse``, ``abs`` (mean |p−d|),
@@ -390,7 +390,7 @@ def coco_map(predictions, targets):
 
 # ---- retrieval (helper: retrieval) ----
 #
-# Copy-detection metrics follow the ISC2021 / SSCD definitions (docs/endofinder.md §3): the k
+# Copy-detection metrics follow the ISC2021 / SSCD definitions (docs/endofinder-retrieval.md §3): the k
 # predictions of every query are pooled and sorted by decreasing score with ties ranked
 # worst-case (non-matches first), so giving every pair the same score cannot inflate a value.
 

@@ -10,7 +10,7 @@ from gissl.errors import UserError
 
 def _no_decay(name, param):
     # Norm scales, biases and learned tokens/position embeddings are not weights to shrink
-    # (timm/MAE practice); the reference decays everything (docs/ssl4gie.md §4.1).
+    # (timm/MAE practice); the reference decays everything (docs/ssl4gie-study.md §4.1).
     return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token")) or ".pos_embed" in name
 
 
@@ -116,7 +116,7 @@ def set_train_mode(model, frozen=()):
 
 
 def plateau_scheduler(optimizer, metric_mode, lr_min):
-    # ReduceLROnPlateau as the reference: factor 0.5, patience 10, min 1e-6 (docs/ssl4gie.md §4.1)
+    # ReduceLROnPlateau as the reference: factor 0.5, patience 10, min 1e-6 (docs/ssl4gie-study.md §4.1)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=metric_mode, factor=0.5, patience=10,
         min_lr=lr_min if lr_min and lr_min > 0 else 0.0)

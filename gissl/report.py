@@ -11,7 +11,7 @@ _FRAMEWORK_IDS = {"mocov3": "MC", "barlowtwins": "BT", "mae": "MA", "simsiam": "
 
 
 def list_id(architecture, pretraining, ss_framework, dataset):
-    """SSL4GIE's ``--print-list`` variable name ``{A}_{D}_{F}_{dataset}`` (docs/ssl4gie.md §5.3):
+    """SSL4GIE's ``--print-list`` variable name ``{A}_{D}_{F}_{dataset}`` (docs/ssl4gie-study.md §5.3):
     RN/VT for ResNet50/ViT-B (RN18, VTs, VTt for the small ones); HK/IN + MC/BT/MA for SSL,
     IN_SL for supervised ImageNet, NA_NA for random."""
     if pretraining == "ImageNet_class":

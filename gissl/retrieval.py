@@ -1,20 +1,20 @@
 """Polyp image retrieval (EndoFinder, MICCAI 2024; SSCD, CVPR 2022): descriptors, search, vote.
 
-Pieces, in the order a query flows through them (reference: ``docs/endofinder.md``):
+Pieces, in the order a query flows through them (reference: ``docs/endofinder-retrieval.md``):
 
 - ``RetrievalModel``: an encoder (``gissl.models.build_encoder``) + Linear projection to 512-d
   + L2 norm for training. ViT: CLS token, polyp-aware masked pass and a small masked-patch
-  decoder (docs/endofinder.md §1.2-1.3); ResNet: GeM pooling p = 3 of the last stage (docs/endofinder.md §1.10). At inference
+  decoder (docs/endofinder-retrieval.md §1.2-1.3); ResNet: GeM pooling p = 3 of the last stage (docs/endofinder-retrieval.md §1.10). At inference
   ``descriptor`` returns the L2-normalised CLS / GeM embedding without the projection, as
-  EndoFinder (docs/endofinder.md §2; ``use_head=True`` keeps it, as SSCD).
+  EndoFinder (docs/endofinder-retrieval.md §2; ``use_head=True`` keeps it, as SSCD).
 - ``polyp_aware_masking``: keep every patch that touches the polyp, mask background patches.
 - ``DescriptorTransform`` (in :mod:`gissl.search`): optional centering or PCA-whitening fitted on a training gallery,
-  re-normalisation, optional sign hashing (+1 / -1 per dimension, docs/endofinder.md §2).
+  re-normalisation, optional sign hashing (+1 / -1 per dimension, docs/endofinder-retrieval.md §2).
 - ``DescriptorIndex`` (in :mod:`gissl.search`): faiss inner-product search (exact by default; IVF-Flat, IVF-PQ, HNSW
   by name) with training, ``nprobe``, save / load to one ``.npz`` file, incremental ``add``,
   names and labels of the gallery; a GPU index when faiss sees a GPU, CPU otherwise.
 - ``neighbour_vote``: the k-nearest-neighbour diagnosis that EndoFinder describes but does not
-  ship (docs/endofinder.md §4): majority (or similarity-weighted) vote, ties broken by the nearest neighbour.
+  ship (docs/endofinder-retrieval.md §4): majority (or similarity-weighted) vote, ties broken by the nearest neighbour.
 """
 import math
 
@@ -28,14 +28,14 @@ from gissl.losses import masked_patch_mse
 from gissl.search import INDEX_KINDS, DescriptorIndex, DescriptorTransform
 
 # ---------------------------------------------------------------------------------------------
-# Polyp-aware masking (EndoFinder ``assign_masking``, docs/endofinder.md §1.2)
+# Polyp-aware masking (EndoFinder ``assign_masking``, docs/endofinder-retrieval.md §1.2)
 # ---------------------------------------------------------------------------------------------
 
 def patch_coverage(masks, patch_size):
     """Fraction of each patch covered by the polyp mask.
 
     masks: (N, 1, H, W) float, polyp where > 0.5 (binarised first: JPEG noise in Kvasir-style
-    masks must not count as polyp, docs/endofinder.md §6 item 20). Returns (N, L) in [0, 1],
+    masks must not count as polyp, docs/endofinder-retrieval.md §6 item 20). Returns (N, L) in [0, 1],
     L = (H / p) * (W / p) in row-major patch order (the ViT token order).
     """
     binary = (masks > 0.5).float()
@@ -81,7 +81,7 @@ class RetrievalModel(nn.Module):
     ``{"z": (N, dim) unit-norm projections, "mse": masked-patch reconstruction loss}`` (ViT
     with ``mask_ratio > 0``; absent otherwise). The ViT sees CLS + the visible patches chosen
     by ``polyp_aware_masking`` and the contrastive CLS comes from this masked pass, as
-    EndoFinder (docs/endofinder.md §1.2, item 6). ``descriptor(images)`` (inference) is the L2-normalised CLS /
+    EndoFinder (docs/endofinder-retrieval.md §1.2, item 6). ``descriptor(images)`` (inference) is the L2-normalised CLS /
     GeM embedding of the full image (``use_head=True``: after the projection, as SSCD).
     Parameter names: ``encoder.*`` (the trunk, loadable by every task), ``head.*``,
     ``decoder_*`` (ViT only; MAE's names).
@@ -224,7 +224,7 @@ class ScriptedDescriptor(nn.Module):
 
 def mixup_cutmix(images, instance_ids, num_instances, prob=0.05, alpha=2.0, switch_prob=0.5,
                  generator=None):
-    """Per-element Mixup / CutMix at a small rate (SSCD / docs/endofinder.md §1.7: probability 0.05,
+    """Per-element Mixup / CutMix at a small rate (SSCD / docs/endofinder-retrieval.md §1.7: probability 0.05,
     alpha 2 for both, CutMix chosen half the time, lambda corrected to the pasted area).
 
     images: (N, 3, H, W) views; instance_ids: (N,) int64. Element i mixed with element
@@ -257,7 +257,7 @@ def mixup_cutmix(images, instance_ids, num_instances, prob=0.05, alpha=2.0, swit
 
 
 # ---------------------------------------------------------------------------------------------
-# Neighbour-vote diagnosis (docs/endofinder.md §4, recommended spec)
+# Neighbour-vote diagnosis (docs/endofinder-retrieval.md §4, recommended spec)
 # ---------------------------------------------------------------------------------------------
 
 def neighbour_vote(labels, scores=None, num_classes=None, weighted=False):
@@ -382,7 +382,7 @@ def search_pairs(index, queries, query_ids, k):
 
 def copy_detection_eval(model, twin, *, image_size, batch_size, device, k=10, workers=0,
                         use_head=False, postprocess=None, index_kind="flat", nprobe=16, amp=True):
-    """Copy-detection protocol (docs/endofinder.md §3) on a ``retrieval_data.twin_set``.
+    """Copy-detection protocol (docs/endofinder-retrieval.md §3) on a ``retrieval_data.twin_set``.
 
     Returns ``(metrics, predictions)``: uAP, accuracy@1, recall@P90, recall@10 and the pooled
     (query, reference, score, rank) lists. ``postprocess``: a ``DescriptorTransform`` (fitted

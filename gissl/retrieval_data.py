@@ -1,13 +1,13 @@
 """Data for polyp retrieval: two-view training samples with their polyp masks, image lists for
 descriptor extraction, and a built-in synthetic query / reference set (EndoFinder's Polyp-Twin
-layout, docs/endofinder.md §1.9) made of augmented copies of synthetic polyps.
+layout, docs/endofinder-retrieval.md §1.9) made of augmented copies of synthetic polyps.
 
 Reading and pairing are ``gissl.data``'s (``kvasir_seg``, ``cvc_clinicdb``, ``image_folder``,
 ``polyp_twin``: images and masks paired by file stem). The augmentation follows SSCD's
-"ADVANCED" set (docs/endofinder.md §1.6) without its AugLy text / emoji overlays (they need font
+"ADVANCED" set (docs/endofinder-retrieval.md §1.6) without its AugLy text / emoji overlays (they need font
 files), and geometric steps move image and mask together through ``torchvision.transforms.v2``
 with the same random parameters; masks use nearest interpolation (the reference re-drew the
-rotation angle for the mask and rotated it bilinearly, docs/endofinder.md §6 items 18-19).
+rotation angle for the mask and rotated it bilinearly, docs/endofinder-retrieval.md §6 items 18-19).
 """
 import csv
 import os
@@ -137,7 +137,7 @@ class TwoViewDataset(Dataset):
 
 class ImageListDataset(Dataset):
     """Paths -> ``{"image": (3, S, S) normalised, "index": int}`` for descriptor extraction
-    (square resize as EndoFinder's evaluation, docs/endofinder.md §2)."""
+    (square resize as EndoFinder's evaluation, docs/endofinder-retrieval.md §2)."""
 
     def __init__(self, paths, image_size=224):
         self.paths, self.image_size = list(paths), image_size

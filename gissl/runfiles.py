@@ -134,7 +134,7 @@ def append_line(path, text):
 
 
 def run_name(architecture, pretraining, ss_framework, frozen, dataset):
-    """The SSL4GIE checkpoint name (docs/ssl4gie.md §4.4), e.g.
+    """The SSL4GIE checkpoint name (docs/ssl4gie-study.md §4.4), e.g.
     ``vit_b-Hyperkvasir_mae_init-frozen_False-dataset_Kvasir``."""
     ss = f"_{ss_framework}" if ss_framework else ""
     return f"{architecture}-{pretraining}{ss}_init-frozen_{bool(frozen)}-dataset_{dataset}"

@@ -1,7 +1,7 @@
 """Nearest-neighbour search over descriptors: faiss indexes and descriptor post-processing.
 
 - ``DescriptorTransform``: optional centering or PCA-whitening fitted on a training gallery,
-  re-normalisation, optional sign hashing (+1 / -1 per dimension, docs/endofinder.md §2).
+  re-normalisation, optional sign hashing (+1 / -1 per dimension, docs/endofinder-retrieval.md §2).
 - ``DescriptorIndex``: faiss inner-product search (exact by default; IVF-Flat, IVF-PQ, HNSW
   by name) with training, ``nprobe``, save / load to one ``.npz`` file, incremental ``add``,
   names and labels of the gallery; a GPU index when faiss sees a GPU, CPU otherwise.

@@ -1,13 +1,13 @@
 """Polyp segmentation: the task logic behind ``train_/eval_/predict_segmentation.py``.
 
-Model: encoder + DPT decoder with a one-logit segmentation head (docs/ssl4gie.md §3.5; the
+Model: encoder + DPT decoder with a one-logit segmentation head (docs/ssl4gie-study.md §3.5; the
 reference used DeepLabV3+ for ResNets, gissl uses DPT for both encoder families).
-Loss: SSL4GIE's soft Dice (docs/ssl4gie.md §4.2), optionally plus BCE. Evaluation
-(docs/ssl4gie.md §5.3): logits resized bilinearly to each image's original size, thresholded at
+Loss: SSL4GIE's soft Dice (docs/ssl4gie-study.md §4.2), optionally plus BCE. Evaluation
+(docs/ssl4gie-study.md §5.3): logits resized bilinearly to each image's original size, thresholded at
 0.5 after sigmoid, per-image Dice, IoU, precision, recall averaged over images, without the
 ε/ε artefact (``gissl.metrics.segmentation_scores``). Validation during training uses the
 same original-resolution protocol on the validation split (the reference selected on 224-px
-resized masks and also looked at test every epoch, docs/ssl4gie.md §8 items 12-13).
+resized masks and also looked at test every epoch, docs/ssl4gie-study.md §8 items 12-13).
 """
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 """SSCD InfoNCE + KoLeo against a direct, loop-by-loop transcription of the SSCD formulas
-(docs/endofinder.md §1.4), in one process and gathered over two gloo processes."""
+(docs/endofinder-retrieval.md §1.4), in one process and gathered over two gloo processes."""
 import os
 import subprocess
 import sys

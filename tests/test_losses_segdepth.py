@@ -48,7 +48,7 @@ def test_align_median():
 
 
 def _np_ssi(p, d, alpha):
-    """Loop-per-image NumPy version of SSL4GIE's ScaleAndShiftInvariantLoss (docs/ssl4gie.md §4.3)."""
+    """Loop-per-image NumPy version of SSL4GIE's ScaleAndShiftInvariantLoss (docs/ssl4gie-study.md §4.3)."""
     m = d > 0
     aligned = np.zeros_like(p)
     for i in range(len(p)):

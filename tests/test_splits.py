@@ -7,7 +7,7 @@ from gissl.errors import DataError
 
 
 def _sklearn_reference(n, seed=42):
-    # SSL4GIE split_ids (docs/ssl4gie.md §2.1): two train_test_split calls with the same test count
+    # SSL4GIE split_ids (docs/ssl4gie-study.md §2.1): two train_test_split calls with the same test count
     idx = np.arange(n)
     test_size = int(round(0.1 * n))
     train, test = train_test_split(idx, test_size=test_size, random_state=seed)

@@ -54,7 +54,7 @@ def test_rot90_matches_reference_formula():
     torch.testing.assert_close(o_img.as_subclass(torch.Tensor), torch.rot90(img, 1, dims=[1, 2]).as_subclass(torch.Tensor))
     x1, y1, x2, y2 = boxes[0].tolist()
     w = img.shape[-1]
-    assert o_box[0].tolist() == [y1, w - x2, y2, w - x1]  # docs/ssl4gie.md §2.3
+    assert o_box[0].tolist() == [y1, w - x2, y2, w - x1]  # docs/ssl4gie-study.md §2.3
     torch.testing.assert_close(o_box[0].as_subclass(torch.Tensor), _bounds(o_mask))
 
 

@@ -37,7 +37,7 @@ __all__ = [
     "to_image_tensor", "decode_resized", "resize_mask",
 ]
 
-# Class-id order of the reference (docs/ssl4gie.md §2.2): tract folders sorted (lower-gi-tract before
+# Class-id order of the reference (docs/ssl4gie-study.md §2.2): tract folders sorted (lower-gi-tract before
 # upper-gi-tract), then class folders as ``sorted(glob(sf + "*/"))`` returns them, i.e. sorted
 # WITH the trailing "/" -- "-" sorts before "/", so "ulcerative-colitis-grade-1-2/" comes before
 # "ulcerative-colitis-grade-1/" and "barretts-short-segment/" before "barretts/" (a plain sort
@@ -62,7 +62,7 @@ HYPERKVASIR_CLASSES = {k: [c for _, _, c in v] for k, v in HYPERKVASIR_LAYOUT.it
 CLASSIFICATION_DATASETS = {"Hyperkvasir_anatomical": "anatomical", "Hyperkvasir_pathological": "pathological"}
 SEGMENTATION_DATASETS = ("Kvasir", "CVC")
 
-# Reference per-video split of C3VD (docs/ssl4gie.md §2.5); test order = this order.
+# Reference per-video split of C3VD (docs/ssl4gie-study.md §2.5); test order = this order.
 C3VD_TEST_VIDEOS = ("trans_t2_b_under_review/t2v2", "cecum_t4_b_under_review/c4v3")
 C3VD_VAL_VIDEOS = ("trans_t4_a_under_review/t4v1", "cecum_t2_c_under_review/c2v3")
 
@@ -447,7 +447,7 @@ def c3vd(root, split=None, val_videos=None, test_videos=None, skip_bad=False):
 
 
 def polyp_twin(root, skip_bad=False):
-    """EndoFinder's retrieval evaluation layout (docs/endofinder.md §1.9): ``root/val_query/``,
+    """EndoFinder's retrieval evaluation layout (docs/endofinder-retrieval.md §1.9): ``root/val_query/``,
     ``root/val_ref/``, ``root/val_groundtruth_matches.csv`` (``Qxxxx,Ryyyy`` lines, optional
     header). Returns ``{"queries": [paths], "references": [paths], "matches": [(query_path,
     reference_path)]}``; a CSV id without a file and an unreadable image are errors (checked

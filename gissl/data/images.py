@@ -11,9 +11,9 @@ from gissl.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
-# C3VD stores depth as uint16 with 0..65535 = 0..100 mm (docs/ssl4gie.md §2.5). One constant for the
+# C3VD stores depth as uint16 with 0..65535 = 0..100 mm (docs/ssl4gie-study.md §2.5). One constant for the
 # resized training target and the original-resolution target (the reference mixed /65535 and
-# /65536, docs/ssl4gie.md §8 item 14).
+# /65536, docs/ssl4gie-study.md §8 item 14).
 DEPTH_MM_PER_UNIT = 100.0 / 65535.0
 
 _EXIF_ORIENTATION = 0x0112

@@ -14,7 +14,7 @@ def _sklearn_shuffle_split(n, n_test, seed):
 
 
 def split_indices(n, seed=42):
-    """SSL4GIE's split of ``n`` samples (reference ``split_ids``, docs/ssl4gie.md §2.1).
+    """SSL4GIE's split of ``n`` samples (reference ``split_ids``, docs/ssl4gie-study.md §2.1).
 
     ``test_size = int(round(0.1 * n))``; ``train_test_split`` with ``random_state=seed`` gives
     (train, test); the train part is split again with the same test count and seed into

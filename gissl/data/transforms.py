@@ -1,4 +1,4 @@
-"""Per-task transforms with SSL4GIE's augmentation ranges (docs/ssl4gie.md §2.2-2.5).
+"""Per-task transforms with SSL4GIE's augmentation ranges (docs/ssl4gie-study.md §2.2-2.5).
 
 Each dataset decodes the image straight to the model's size (JPEG draft + one resize) and the
 augmentations below then run on that small image, jointly on image and mask / depth / boxes
@@ -78,7 +78,7 @@ class ColorJitter(v2.Transform):
 
 
 def color_jitter():
-    # docs/ssl4gie.md §2.2-2.5: the same jitter in all four tasks.
+    # docs/ssl4gie-study.md §2.2-2.5: the same jitter in all four tasks.
     return ColorJitter(brightness=0.4, contrast=0.5, saturation=0.25, hue=0.01)
 
 
@@ -145,7 +145,7 @@ def gaussian_blur(scale=1.0):
 
 class RandomRot90(v2.Transform):
     """With probability p rotate 90 degrees counter-clockwise, as the reference's detection
-    ``torch.rot90(x, dims=[1, 2])`` (docs/ssl4gie.md §2.3): a box (x1, y1, x2, y2) on a W-wide image
+    ``torch.rot90(x, dims=[1, 2])`` (docs/ssl4gie-study.md §2.3): a box (x1, y1, x2, y2) on a W-wide image
     becomes (y1, W - x2, y2, W - x1) and the canvas becomes (W, H)."""
 
     def __init__(self, p=0.5):
@@ -235,7 +235,7 @@ class RandomAffine(v2.Transform):
 
 
 def classification_transform(image_size=224, train=False):
-    """Train (docs/ssl4gie.md §2.2): ColorJitter -> blur 25 -> hflip -> vflip -> rotation U(-180, 180)
+    """Train (docs/ssl4gie-study.md §2.2): ColorJitter -> blur 25 -> hflip -> vflip -> rotation U(-180, 180)
     (nearest, black fill) -> Normalize. Eval: Normalize. Input: resized Image in [0, 1]."""
     if not train:
         return normalize()
@@ -248,12 +248,12 @@ def classification_transform(image_size=224, train=False):
 
 
 def segmentation_transform(image_size=224, train=False):
-    """Train (docs/ssl4gie.md §2.4): ColorJitter -> blur 25 -> hflip -> vflip -> affine (always):
+    """Train (docs/ssl4gie-study.md §2.4): ColorJitter -> blur 25 -> hflip -> vflip -> affine (always):
     angle U(-180, 180), translate U(-S/8, S/8) px, scale U(0.5, 1.5), x-shear U(-22.5, 22.5),
     nearest -> Normalize. Applied jointly to Image and Mask.
 
     Fill: the affine runs before Normalize and fills 0, i.e. black image / background mask. The
-    reference filled -1.0 after normalisation, a grey that never occurs in endoscopy (docs/ssl4gie.md §8 item 17).
+    reference filled -1.0 after normalisation, a grey that never occurs in endoscopy (docs/ssl4gie-study.md §8 item 17).
     """
     if not train:
         return normalize()
@@ -266,7 +266,7 @@ def segmentation_transform(image_size=224, train=False):
 
 
 def depth_transform(image_size=224, train=False):
-    """Train (docs/ssl4gie.md §2.5): ColorJitter -> hflip -> vflip (image and depth) -> Normalize.
+    """Train (docs/ssl4gie-study.md §2.5): ColorJitter -> hflip -> vflip (image and depth) -> Normalize.
     No blur, no rotation. Eval: Normalize."""
     if not train:
         return normalize()
@@ -274,7 +274,7 @@ def depth_transform(image_size=224, train=False):
 
 
 def detection_transform(train=False, blur_scale=1.0):
-    """Train (docs/ssl4gie.md §2.3): ColorJitter -> blur 25 -> rot90 p=0.5 -> hflip -> vflip (the 8
+    """Train (docs/ssl4gie-study.md §2.3): ColorJitter -> blur 25 -> rot90 p=0.5 -> hflip -> vflip (the 8
     dihedral transforms), jointly on Image and BoundingBoxes; no Normalize (the detector does
     it). ``blur_scale``: working size / original size when the image was shrunk before
     augmentation, so the blur matches the reference's blur of the full image. Eval: identity."""
@@ -313,7 +313,7 @@ def from_square(pred, h, w, mode="bilinear"):
 def fixed_size_geometry(h, w, fixed_size=None):
     """Where an (h, w) detection image goes on the model canvas.
 
-    ``fixed_size=None``: unchanged. ``fixed_size=F`` (reference ViT path, F=1024, docs/ssl4gie.md
+    ``fixed_size=None``: unchanged. ``fixed_size=F`` (reference ViT path, F=1024, docs/ssl4gie-study.md
     §2.3): an image larger than F is padded bottom/right to a multiple of the smallest integer
     factor k that makes it fit and shrunk by exactly 1/k (the reference pads to even and halves:
     k=2 for every Kvasir-SEG image at F=1024), never up-scaled, then zero-padded centred to F x F.

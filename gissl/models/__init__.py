@@ -36,9 +36,9 @@ SS_FRAMEWORKS = {"mocov3": ("resnet", "vit"), "barlowtwins": ("resnet",), "mae":
                  "simsiam": ("resnet",), "fpsiam": ("resnet",)}
 
 # ImageNet-supervised weight files looked for in the torch hub cache, first found wins.
-# ResNet, DenseNet: torchvision's files (V1 first: the reference used V1, docs/ssl4gie.md §3.1).
+# ResNet, DenseNet: torchvision's files (V1 first: the reference used V1, docs/ssl4gie-study.md §3.1).
 # ViT: timm state dicts saved as .pth / .safetensors; augreg in21k→in1k is the reference's
-# choice (docs/ssl4gie.md §3.3), augreg2 is timm's current default for vit_base_patch16_224.
+# choice (docs/ssl4gie-study.md §3.3), augreg2 is timm's current default for vit_base_patch16_224.
 # timm has no ImageNet-1k-supervised ViT-H/14: its supervised file is the original ImageNet-21k one.
 # DINOv2 has no supervised weights: its self-supervised LVD-142M files load through the same
 # flag (timm's converted file, or Meta's own release, named as torch.hub caches it).

@@ -1,7 +1,7 @@
-"""Faster R-CNN polyp detectors on gissl encoders (docs/ssl4gie.md §3.1, §3.4).
+"""Faster R-CNN polyp detectors on gissl encoders (docs/ssl4gie-study.md §3.1, §3.4).
 
 Everything detection-specific except the backbones is torchvision's: ``FasterRCNN`` with its
-default RPN/RoI settings (which are the reference's torchvision-0.10 defaults, docs/ssl4gie.md §3.4:
+default RPN/RoI settings (which are the reference's torchvision-0.10 defaults, docs/ssl4gie-study.md §3.4:
 anchors 32..512 one size per level × ratios 0.5/1/2, RPN top-n 2000/1000, NMS 0.7, RoIAlign 7×7
 on levels 0-3, TwoMLPHead 1024, 100 detections/image, box NMS 0.5), ``BackboneWithFPN`` for
 ResNets and ``MultiScaleRoIAlign``/``AnchorGenerator`` through those defaults.
@@ -9,14 +9,14 @@ ResNets and ``MultiScaleRoIAlign``/``AnchorGenerator`` through those defaults.
 - ResNet (``resnet18``/``resnet50``): the encoder's four stages → torchvision's FPN (256
   channels, extra max-pooled level). BatchNorm either trains (``batchnorm="train"``) or is
   replaced by ``FrozenBatchNorm2d`` (``"frozen"``, what torchvision does for pretrained
-  backbones and what the reference did even for random init, docs/ssl4gie.md §8 item 19).
+  backbones and what the reference did even for random init, docs/ssl4gie-study.md §8 item 19).
 - ViT (``vit_t``/``vit_s``/``vit_b``): ViTDet's simple feature pyramid (Li et al., "Exploring
   Plain Vision Transformer Backbones for Object Detection", ECCV 2022) from the last block's
   map (after the final norm): strides 4, 8, 16, 32 by transposed convs / max-pool, then
   1×1 and 3×3 convs to 256 channels each followed by a per-channel LayerNorm, plus a stride-64
   max-pooled level. The reference's LayerNorms span (C, H, W) (~114 M parameters for ViT-B,
-  only valid at 1024 px, docs/ssl4gie.md §8 item 18); per-channel ones work at any size. Windowed attention
-  (16×16 tokens, docs/ssl4gie.md §3.4) in every block except the tapped ones (2/5/8/11) via the encoder's
+  only valid at 1024 px, docs/ssl4gie-study.md §8 item 18); per-channel ones work at any size. Windowed attention
+  (16×16 tokens, docs/ssl4gie-study.md §3.4) in every block except the tapped ones (2/5/8/11) via the encoder's
   ``set_window_attention``; the position embedding is interpolated by the encoder. Images are
   zero-padded by the dataset to a fixed square (reference 1024) and the model transform keeps
   that size (``fixed_size``).
@@ -33,9 +33,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gissl.errors import UserError
 
-FPN_CHANNELS = 256  # docs/ssl4gie.md §3.4: out_channels 256 for both backbones
-WINDOW_SIZE = 16  # tokens per window side (docs/ssl4gie.md §3.4: 16×16 windows)
-FIXED_SIZE = 1024  # the reference's padded canvas for ViT detectors (docs/ssl4gie.md §2.3)
+FPN_CHANNELS = 256  # docs/ssl4gie-study.md §3.4: out_channels 256 for both backbones
+WINDOW_SIZE = 16  # tokens per window side (docs/ssl4gie-study.md §3.4: 16×16 windows)
+FIXED_SIZE = 1024  # the reference's padded canvas for ViT detectors (docs/ssl4gie-study.md §2.3)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # normalisation happens inside the torchvision transform
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -142,7 +142,7 @@ def build_backbone(encoder, *, batchnorm="train", window_size=WINDOW_SIZE):
 
 def build_detector(encoder, *, num_classes=2, batchnorm="train", window_size=WINDOW_SIZE,
                    fixed_size=None, min_size=800, max_size=1333, **kwargs):
-    """torchvision ``FasterRCNN`` on a gissl encoder (docs/ssl4gie.md §3.1, §3.4).
+    """torchvision ``FasterRCNN`` on a gissl encoder (docs/ssl4gie-study.md §3.1, §3.4).
 
     ``num_classes`` counts the background (2 = polyp + background, the reference's).
     ResNet: images are resized by the model so the short side is ``min_size`` and the long side

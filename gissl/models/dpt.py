@@ -1,5 +1,5 @@
 """DPT decoder (Ranftl et al., "Vision Transformers for Dense Prediction", ICCV 2021) for
-polyp segmentation and colonoscopy depth, as SSL4GIE builds it (docs/ssl4gie.md §3.5).
+polyp segmentation and colonoscopy depth, as SSL4GIE builds it (docs/ssl4gie-study.md §3.5).
 
     encoder.forward_features(x) -> 4 maps -> reassemble -> project to 256 ch -> 4 fusion blocks -> head
 
@@ -114,7 +114,7 @@ class Reassemble(nn.Module):
 
 
 class SegmentationHead(nn.Module):
-    """3×3 conv → BN → ReLU → Dropout(0.1) → 1×1 conv to logits → bilinear ×2 (docs/ssl4gie.md §3.5)."""
+    """3×3 conv → BN → ReLU → Dropout(0.1) → 1×1 conv to logits → bilinear ×2 (docs/ssl4gie-study.md §3.5)."""
 
     def __init__(self, channels, num_classes):
         super().__init__()

@@ -1,7 +1,7 @@
 """ResNet-18 / ResNet-50 encoders: torchvision's classes and parameter names, without ``fc``.
 
 Dropping ``fc`` (rather than replacing it with Identity) keeps the state dict exactly the
-trunk keys, which is what SSL checkpoints hold (docs/ssl4gie.md §3.2/§3.7: Barlow Twins
+trunk keys, which is what SSL checkpoints hold (docs/ssl4gie-study.md §3.2/§3.7: Barlow Twins
 ``resnet50.pth``, the MoCo v3 base encoder without its ``fc`` projector).
 """
 import torch

@@ -3,7 +3,7 @@ with and without registers) with timm's parameter names.
 
 Parameter names equal timm's ``vit_base_patch16_224`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2``, ``norm``),
-so timm, MoCo v3 and MAE weights load without renaming (docs/ssl4gie.md §3.3: patch 16, MLP ratio 4,
+so timm, MoCo v3 and MAE weights load without renaming (docs/ssl4gie-study.md §3.3: patch 16, MLP ratio 4,
 qkv bias, LayerNorm eps 1e-6; ViT-L/16 and ViT-H/14 are timm's ``vit_large_patch16_224`` /
 ``vit_huge_patch14_224``, the same block with other widths, depths and patch size).
 DINOv2 (Oquab et al., 2023; registers: Darcet et al., ICLR 2024) adds LayerScale
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gissl.errors import UserError
 
-# Blocks tapped for dense tasks (DPT, docs/ssl4gie.md §3.3): the 3rd/6th/9th/12th of 12 blocks.
+# Blocks tapped for dense tasks (DPT, docs/ssl4gie-study.md §3.3): the 3rd/6th/9th/12th of 12 blocks.
 OUT_INDICES = (2, 5, 8, 11)
 # The same quarters of deeper models: DPT-Large taps ViT-L/16's blocks 5/11/17/23 (Ranftl et al.,
 # ICCV 2021); ViT-H/14's 32 blocks are split the same way.
@@ -265,7 +265,7 @@ class VisionTransformer(nn.Module):
     def set_window_attention(self, window_size, blocks=None):
         """Use attention in window_size×window_size token windows in ``blocks``, global elsewhere.
 
-        ``blocks=None`` picks every block not in ``out_indices`` (ViTDet / docs/ssl4gie.md §3.4 pattern:
+        ``blocks=None`` picks every block not in ``out_indices`` (ViTDet / docs/ssl4gie-study.md §3.4 pattern:
         global attention stays in the tapped blocks). ``window_size=None`` makes all blocks global.
         Parameter names do not change, so weights load either way.
         """
@@ -339,7 +339,7 @@ def vit_s(img_size=224, num_heads=6):
 
 
 def vit_b(img_size=224, num_heads=12):
-    """ViT-B/16: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch16_224``, docs/ssl4gie.md §3.3)."""
+    """ViT-B/16: 768-d, 12 blocks, 12 heads (timm ``vit_base_patch16_224``, docs/ssl4gie-study.md §3.3)."""
     return VisionTransformer(embed_dim=768, depth=12, num_heads=num_heads, img_size=img_size,
                              architecture="vit_b")
 

@@ -178,11 +178,10 @@ def check_args(args):
     """Reject invalid flag combinations before any work (UserError → exit code 2)."""
     checkpoint = args.checkpoint
     if checkpoint and not args.pretrained_encoder:
-        other = ("--weights FILE for a finetuned checkpoint" if hasattr(args, "weights") else "") or \
-            "--output-dir and the training flags"
+        weights = "--weights FILE for a finetuned checkpoint, or " if hasattr(args, "weights") else ""
         raise UserError(f"--checkpoint is the pretrained encoder for training and has no effect in {args.stage}: "
-                        f"this script reads the finetuned model instead; drop --checkpoint and use {other} "
-                        "(or --output-dir and the training flags, as SSL4GIE)")
+                        f"this script reads the finetuned model instead; drop --checkpoint and use {weights}"
+                        "--output-dir and the training flags (as SSL4GIE)")
     if args.ss_framework is not None:  # the framework must fit the family, whatever it names
         check_combination(args.arch, "Hyperkvasir", args.ss_framework, "unused")
     ssl_weights = args.stage == "train" and args.pretraining in ("Hyperkvasir", "ImageNet_self")

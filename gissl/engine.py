@@ -405,14 +405,14 @@ class _State:
         self.extra = opts.extra_state
         self.epoch, self.best, self.best_epoch, self.global_step, self.partial = 0, None, None, 0, None
 
-    def snapshot(self, config, partial=None):
+    def snapshot(self, config, rng, partial=None):
         optional = (self.scaler, self.scheduler)
         scaler, scheduler = (o.state_dict() if o is not None else None for o in optional)
         return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": scaler, "scheduler": scheduler, "epoch": self.epoch, "best_metric": self.best,
                 "best_epoch": self.best_epoch, "global_step": self.global_step, "partial": partial,
                 "args": config, "extra": self.extra[0]() if self.extra is not None else None,
-                "nonfinite_skipped": self.guard.skipped, "rng": _gather_rng()}
+                "nonfinite_skipped": self.guard.skipped, "rng": rng}
 
     def restore(self, state, path):
         try:
@@ -490,9 +490,9 @@ def _reseed(seed, epoch):
 
 def _interrupted(run, state, stop, stopped, epoch):
     state.epoch = epoch - 1
-    snapshot = state.snapshot(run.config, partial=stopped)  # every rank: it gathers their RNG states
+    rng = _gather_rng()  # a collective: every rank takes part
     if dist.is_main_process():
-        save_checkpoint(snapshot, run.last, _before_replace)
+        save_checkpoint(state.snapshot(run.config, rng, partial=stopped), run.last, _before_replace)
         append_line(run.log, f"Interrupted by signal {stop.signum} in epoch {epoch} after batch "
                              f"{stopped['batches_done']}; saved {run.last}")
     dist.barrier()
@@ -502,8 +502,9 @@ def _interrupted(run, state, stop, stopped, epoch):
 def _end_epoch(run, state, epoch, improved, lines, record):
     """Save ``best`` (when improved) then ``last``, and log the epoch; rank 0 writes."""
     state.epoch = epoch
-    snapshot = state.snapshot(run.config)  # every rank takes part in gathering the RNG states
+    rng = _gather_rng()  # a collective: every rank takes part; only rank 0 builds and writes the state
     if dist.is_main_process():
+        snapshot = state.snapshot(run.config, rng)
         # best before last: a crash between the two leaves ``last`` one epoch behind, so the
         # resumed run redoes this epoch and rewrites ``best`` too
         if improved:

@@ -6,7 +6,6 @@ No training: the model is built from the train script's own flags as that script
 saved with the keys :class:`gissl.engine._State` writes (eval reads ``model`` and ``args``);
 its BatchNorm statistics are randomised so that eval-mode normalisation is not the identity.
 """
-import argparse
 import importlib
 
 import numpy as np
@@ -139,19 +138,3 @@ def test_bad_input_is_a_user_error(tmp_path):
         cli.run(export.main, lambda: export.get_args(["--task", "classification", "--weights", "missing.pth",
                                                       "--output", "m.onnx"]))
     assert e.value.code == 2
-
-
-@pytest.mark.parametrize("task", sorted(export.TASKS))
-def test_every_flag_has_help(task, monkeypatch):
-    class Parsed(Exception):
-        pass
-
-    def capture(parser, *a, **kw):
-        raise Parsed(parser)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    with pytest.raises(Parsed) as e:
-        export.get_args(["--task", task, "--output", "m.onnx"])
-    bare = [a.option_strings[0] for a in e.value.args[0]._actions
-            if a.option_strings and a.option_strings[0] != "-h" and not a.help]
-    assert not bare, f"export.py --task {task}: flags without help: {bare}"

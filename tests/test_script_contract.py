@@ -131,10 +131,14 @@ SCRIPTS = ["train_segmentation", "eval_segmentation", "predict_segmentation", "t
            "predict_depth", "train_classification", "eval_classification", "predict_classification",
            "train_detection", "eval_detection", "predict_detection", "train_retrieval", "eval_retrieval",
            "predict_retrieval", "pretrain", "eval_transfer"]
+# export.py adds the task's model flags after --task: one parser per task
+HELP_CASES = [(name, []) for name in SCRIPTS] + [
+    ("export", ["--task", task, "--output", "m.onnx"])
+    for task in ("classification", "detection", "depth", "retrieval", "segmentation")]
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_every_flag_has_help(name, monkeypatch):
+@pytest.mark.parametrize("name, argv", HELP_CASES, ids=[" ".join([n] + a[1:2]) for n, a in HELP_CASES])
+def test_every_flag_has_help(name, argv, monkeypatch):
     import argparse
     import importlib
 
@@ -146,8 +150,8 @@ def test_every_flag_has_help(name, monkeypatch):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     with pytest.raises(Parsed) as e:
-        importlib.import_module(name).get_args([])
+        importlib.import_module(name).get_args(argv)
     parser = e.value.args[0]
     bare = [a.option_strings[0] for a in parser._actions
             if a.option_strings and a.option_strings[0] != "-h" and not a.help]
-    assert not bare, f"{name}: flags without help: {bare}"
+    assert not bare, f"{name} {' '.join(argv)}: flags without help: {bare}"

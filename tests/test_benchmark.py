@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import benchmark
 
@@ -74,3 +75,28 @@ def test_benchmark_arguments_and_table():
     table = benchmark.format_table([{"section": "encoders", "model": "gissl vit_b", "setup": "gissl", "amp": "bfloat16",
                                      "batch": 8, "train_images_per_s": 4.5, "mfu": 0.25, "vs_reference": 2.0}])
     assert "4.50" in table and "25.0%" in table and "2.00x" in table
+
+
+def test_an_mfu_above_100_percent_is_reported_as_a_measurement_error(monkeypatch):
+    # The run's peak measured too low (as under load): a step "faster than the machine" must
+    # not print as 168 % but as an error that says why.
+    rows = [{"section": "peak", "model": "matmul 2048x2048", "setup": "torch.mm", "amp": "float32", "tflops": 0.1},
+            {"section": "encoders", "model": "gissl vit_b", "setup": "gissl", "amp": "off", "batch": 8,
+             "tflops": 0.168, "mfu": 1.68, "mfu_vs_peak_of": "float32", "mfu_sustained": 0.5},
+            {"section": "encoders", "model": "gissl resnet50", "setup": "gissl", "amp": "off", "batch": 8,
+             "tflops": 0.05, "mfu": 0.5, "mfu_vs_peak_of": "float32", "mfu_sustained": 0.4}]
+    monkeypatch.setattr(benchmark, "matmul_peak", lambda device, dtype, repeats=5: 0.1)
+    benchmark.refine_peak(rows, {"peak_tflops": {"float32": 0.1}}, torch.device("cpu"))
+    bad, good = rows[1], rows[2]
+    assert bad["mfu"] is None and bad["mfu_sustained"] == 0.5
+    assert "168%" in bad["measurement_errors"][0] and "too low" in bad["measurement_errors"][0]
+    assert good["mfu"] == pytest.approx(0.5) and "measurement_errors" not in good
+    table = benchmark.format_table(rows)
+    assert "error" in table.splitlines()[3] and "168.0%" not in table
+
+
+def test_the_matmul_peak_is_the_best_over_several_sizes(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(benchmark, "matmul_tflops", lambda device, dtype, n=2048, repeats=5: seen.setdefault(n, n / 1000))
+    assert benchmark.matmul_peak(torch.device("cpu"), torch.float32) == max(benchmark.PEAK_SIZES) / 1000
+    assert set(seen) == set(benchmark.PEAK_SIZES) and len(seen) >= 3

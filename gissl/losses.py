@@ -169,6 +169,53 @@ def infonce(q, k, temperature=0.2):
     return F.cross_entropy(logits.float(), labels)
 
 
+def _global_targets(z):
+    """Positions of this rank's rows in the gathered batch: ``rank * N + arange(N)``."""
+    return torch.arange(z.shape[0], device=z.device) + z.shape[0] * dist.get_rank()
+
+
+def clip_contrastive(image_emb, text_emb, logit_scale):
+    """CLIP's symmetric image–text contrastive loss (Radford et al. 2021, Fig. 3).
+
+    image_emb, text_emb: (N, D) embeddings of this rank's N pairs (L2-normalised here).
+    logit_scale: the multiplier s = exp(learnt log-scale), a scalar tensor; the caller clamps
+    the log-scale to at most ln 100 after each step. Every rank scores its N images against
+    the texts of the whole global batch and its N texts against all images; the positive of
+    pair i is its own partner. Returns the mean of the image→text and text→image
+    cross-entropies over the local rows; averaged over ranks it is the loss of the global
+    batch. Gathered embeddings keep their gradient (SLIP's code gathers without it, which
+    drops the gradient through other ranks' negatives).
+    """
+    image_emb = F.normalize(_at_least_fp32(image_emb), dim=1)
+    text_emb = F.normalize(_at_least_fp32(text_emb), dim=1)
+    images_all, texts_all = dist.all_gather_with_grad(image_emb), dist.all_gather_with_grad(text_emb)
+    targets = _global_targets(image_emb)
+    per_image = logit_scale * image_emb @ texts_all.t()
+    per_text = logit_scale * text_emb @ images_all.t()
+    return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
+
+
+def simclr(z1, z2, temperature=0.1):
+    """NT-Xent of SimCLR (Chen et al. 2020, eq. 1) in SLIP's form (Mu et al. 2022).
+
+    z1, z2: (N, D) projections of two views of this rank's N images (L2-normalised here).
+    Each anchor is scored against the other view of every image in the global batch and the
+    same view of every other image (its own similarity masked out): 2 * global N - 1
+    candidates, the other view of itself the positive. Gathered with gradients. Returns the
+    mean over both views of the local anchors' cross-entropy; averaged over ranks it is the
+    loss of the global batch.
+    """
+    z1, z2 = F.normalize(_at_least_fp32(z1), dim=1), F.normalize(_at_least_fp32(z2), dim=1)
+    all1, all2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
+    targets = _global_targets(z1)
+    self_mask = F.one_hot(targets, all1.shape[0]).to(z1.dtype) * 1e9
+    loss1 = F.cross_entropy(torch.cat([z1 @ all2.t(), z1 @ all1.t()], 1) / temperature
+                            - F.pad(self_mask, (all1.shape[0], 0)), targets)
+    loss2 = F.cross_entropy(torch.cat([z2 @ all1.t(), z2 @ all2.t()], 1) / temperature
+                            - F.pad(self_mask, (all1.shape[0], 0)), targets)
+    return (loss1 + loss2) / 2
+
+
 def _all_reduce_sum_grad(t):
     # Sum over ranks whose backward is also a sum over ranks: every rank computes the same
     # global loss, so the gradient of a local contribution is the sum of all ranks' gradients.

@@ -193,7 +193,6 @@ def flag_impossible_mfu(row):
             row.setdefault("measurement_errors", []).append(
                 f"{key} {row[key]:.0%} > 100 %: the matmul peak was measured too low (machine under load?)")
             row[key] = None
-    return row
 
 
 def _amp_name(dtype):
@@ -208,7 +207,7 @@ def bench_peak(args, device, ctx):
     for dtype in (torch.bfloat16, torch.float32):
         tf = matmul_peak(device, dtype, repeats=6)
         ctx.setdefault("peak_tflops", {})[_amp_name(dtype)] = tf
-        rows.append({"section": "peak", "model": "matmul 2048x2048", "setup": "torch.mm", "amp": _amp_name(dtype),
+        rows.append({"section": "peak", "model": "matmul " + "/".join(map(str, PEAK_SIZES)), "setup": "torch.mm", "amp": _amp_name(dtype),
                      "tflops": tf})
         _progress(rows[-1])
     return rows

@@ -152,6 +152,11 @@ def masked_mse(pred, target, mask=None):
 # ranks, so the update equals the single-process one.
 
 
+def _global_targets(z):
+    """Positions of this rank's rows in the gathered batch: ``rank * N + arange(N)``."""
+    return torch.arange(z.shape[0], device=z.device) + z.shape[0] * dist.get_rank()
+
+
 def infonce(q, k, temperature=0.2):
     """InfoNCE of MoCo v3 (Chen, Xie, He 2021, Alg. 1 ``ctr``), without its ``2 * tau`` factor.
 
@@ -165,13 +170,7 @@ def infonce(q, k, temperature=0.2):
     k = F.normalize(k, dim=1)
     k_all = dist.all_gather_with_grad(k) if k.requires_grad else dist.concat_all_gather(k)
     logits = q @ k_all.t() / temperature
-    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * dist.get_rank()
-    return F.cross_entropy(logits.float(), labels)
-
-
-def _global_targets(z):
-    """Positions of this rank's rows in the gathered batch: ``rank * N + arange(N)``."""
-    return torch.arange(z.shape[0], device=z.device) + z.shape[0] * dist.get_rank()
+    return F.cross_entropy(logits.float(), _global_targets(q))
 
 
 def clip_contrastive(image_emb, text_emb, logit_scale):
@@ -208,12 +207,13 @@ def simclr(z1, z2, temperature=0.1):
     z1, z2 = F.normalize(_at_least_fp32(z1), dim=1), F.normalize(_at_least_fp32(z2), dim=1)
     all1, all2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
     targets = _global_targets(z1)
-    self_mask = F.one_hot(targets, all1.shape[0]).to(z1.dtype) * 1e9
-    loss1 = F.cross_entropy(torch.cat([z1 @ all2.t(), z1 @ all1.t()], 1) / temperature
-                            - F.pad(self_mask, (all1.shape[0], 0)), targets)
-    loss2 = F.cross_entropy(torch.cat([z2 @ all1.t(), z2 @ all2.t()], 1) / temperature
-                            - F.pad(self_mask, (all1.shape[0], 0)), targets)
-    return (loss1 + loss2) / 2
+    is_self = F.pad(F.one_hot(targets, all1.shape[0]).bool(), (all1.shape[0], 0))  # (N, 2 N_all)
+
+    def view_loss(anchor, other_view, same_view):
+        logits = torch.cat([anchor @ other_view.t(), anchor @ same_view.t()], 1) / temperature
+        return F.cross_entropy(logits.masked_fill(is_self, -1e9), targets)
+
+    return (view_loss(z1, all2, all1) + view_loss(z2, all1, all2)) / 2
 
 
 def _all_reduce_sum_grad(t):
@@ -315,7 +315,7 @@ def _sscd_pairs(z, instance_ids):
         match = ids == ids_all.view(1, -1)
     match &= ranks.view(-1, 1) == ranks_all.view(1, -1)
     self_mask = torch.zeros_like(match)
-    self_mask[torch.arange(n, device=z.device), torch.arange(n, device=z.device) + n * rank] = True
+    self_mask[torch.arange(n, device=z.device), _global_targets(z)] = True
     return z @ z_all.t(), match & ~self_mask, ~match
 
 

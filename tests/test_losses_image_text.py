@@ -1,11 +1,9 @@
-"""CLIP and SimCLR losses against loop transcriptions of the papers' formulas, and across 2 ranks."""
+"""CLIP and SimCLR losses against loop transcriptions of the papers' formulas and reference
+libraries; their 2-rank check shares the gloo run of tests/test_losses_ssl.py."""
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from gissl import losses
 
@@ -59,45 +57,6 @@ def test_losses_of_identical_pairs_are_lowest_and_bf16_inputs_are_promoted():
     shuffled = losses.clip_contrastive(z, z[torch.randperm(8, generator=g)], torch.tensor(100.0))
     assert matched < 0.01 < shuffled
     assert losses.simclr(z.bfloat16(), z.bfloat16(), 0.1).dtype == torch.float32
-
-
-def _grads(fn, *tensors):
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-    value = fn(*leaves)
-    value.backward()
-    return value.detach(), [t.grad for t in leaves]
-
-
-def _dist_worker(rank, world, port, n_local):
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(world * n_local, 8, generator=g), torch.randn(world * n_local, 8, generator=g)
-    scale = torch.tensor(1 / 0.07)
-    fns = (lambda x, y: losses.clip_contrastive(x, y, scale), lambda x, y: losses.simclr(x, y, 0.1))
-    refs = [_grads(fn, a, b) for fn in fns]  # the whole batch in one process, before the group exists
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        sl = slice(rank * n_local, (rank + 1) * n_local)
-        for fn, (ref, ref_g) in zip(fns, refs):
-            value, grads = _grads(fn, a[sl], b[sl])
-            mean = value.clone()
-            torch.distributed.all_reduce(mean)
-            torch.testing.assert_close(mean / world, ref)  # mean of local losses = global loss
-            for got, want in zip(grads, ref_g):  # local gradients: world x the global ones (DDP averages)
-                torch.testing.assert_close(got / world, want[sl], rtol=1e-4, atol=1e-6)
-        torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_gloo_equals_single_process():
-    mp.spawn(_dist_worker, args=(2, _free_port(), 3), nprocs=2, join=True)
 
 
 def test_equal_to_open_clip_and_lightly():

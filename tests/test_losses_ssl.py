@@ -1,4 +1,5 @@
-"""SSL losses against direct transcriptions of the papers' formulas, and across 2 ranks."""
+"""SSL losses against direct transcriptions of the papers' formulas, and across 2 ranks
+(image–text losses included; their formula checks are in test_losses_image_text.py)."""
 import math
 import os
 import socket
@@ -103,6 +104,9 @@ def _dist_worker(rank, world, port, n_local):
     z1, z2 = torch.randn(world * n_local, 6, generator=g), torch.randn(world * n_local, 6, generator=g)
     ref_nce, ref_nce_g = _grads(lambda a, b: losses.infonce(a, b, 0.2), q, k)
     ref_bt, ref_bt_g = _grads(lambda a, b: losses.barlow_twins(a, b), z1, z2)
+    image_text = (lambda a, b: losses.clip_contrastive(a, b, torch.tensor(1 / 0.07)),
+                  lambda a, b: losses.simclr(a, b, 0.1))
+    image_text_refs = [_grads(fn, q, k) for fn in image_text]
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -118,6 +122,14 @@ def _dist_worker(rank, world, port, n_local):
         # Local gradients are world x the single-process ones (DDP then averages).
         for got, ref in zip(nce_g + bt_g, ref_nce_g + ref_bt_g):
             torch.testing.assert_close(got / world, ref[sl], rtol=1e-4, atol=1e-6)
+        # CLIP and SimCLR (gathered with gradients): the same two properties.
+        for fn, (ref, ref_g) in zip(image_text, image_text_refs):
+            value, grads = _grads(fn, q[sl], k[sl])
+            mean = value.clone()
+            torch.distributed.all_reduce(mean)
+            torch.testing.assert_close(mean / world, ref)
+            for got, want in zip(grads, ref_g):
+                torch.testing.assert_close(got / world, want[sl], rtol=1e-4, atol=1e-6)
         # Momentum-encoder keys (no grad): gathered without gradient, query grads still match.
         qq = q[sl].clone().requires_grad_(True)
         losses.infonce(qq, k[sl], 0.2).backward()

@@ -28,6 +28,10 @@ JSON file, ``--json``):
   (batching does not change them).
 - ``data``: the segmentation training pipeline, images/s per core, gissl vs the reference's
   (full-size JPEG decode + 25x25 blur), from ``benchmark_data.py``.
+- ``peers``: gissl next to what users would pick instead (``benchmark_peers.py``): pretraining
+  steps vs lightly's models, segmentation train steps vs segmentation-models-pytorch, metrics vs
+  torchmetrics / pycocotools, and evaluation vs the bare forward pass (its overhead, and the
+  forward's TFLOP/s and MFU). Its rows print in a second table.
 
 Peak memory is the growth of resident memory (CPU; GPU: allocated memory) over what was in use
 before the set-up was built: parameters, gradients, optimiser state and activations.
@@ -590,7 +594,14 @@ def bench_data(args, device, ctx):
 
 TASKS = ("classification", "segmentation", "depth", "detection", "retrieval",
          "mocov3", "barlowtwins", "mae", "simsiam", "fpsiam")
-SECTIONS = {"peak": bench_peak, "encoders": bench_encoders, "tasks": bench_tasks, "data": bench_data}
+def bench_peers(args, device, ctx):
+    """gissl vs lightly (pretraining), smp (segmentation), torchmetrics (metrics), bare forward (eval)."""
+    from benchmark_peers import bench_peers as run
+    return run(args, device, ctx)
+
+
+SECTIONS = {"peak": bench_peak, "encoders": bench_encoders, "tasks": bench_tasks, "data": bench_data,
+            "peers": bench_peers}
 
 
 # --------------------------------------------------------------------------- output
@@ -624,9 +635,17 @@ HEADERS = {"train_images_per_s": "train/s", "eval_images_per_s": "eval/s", "imag
            "metrics_equal_reference": "=ref metr"}
 
 
-def format_row(r):
+PEER_COLUMNS = [("model", 30, "{}"), ("setup", 12, "{}"), ("amp", 8, "{}"), ("batch", 5, "{}"),
+                ("train_images_per_s", 9, "{:.2f}"), ("eval_images_per_s", 9, "{:.2f}"), ("items_per_s", 10, "{:.0f}"),
+                ("vs_peer", 7, "{:.2f}x"), ("max_abs_diff", 8, "{:.1e}"), ("bare_images_per_s", 9, "{:.2f}"),
+                ("overhead", 8, "{:.1%}"), ("tflops", 7, "{:.3f}"), ("mfu", 6, "{:.1%}")]
+HEADERS.update({"items_per_s": "items/s", "vs_peer": "vs peer", "max_abs_diff": "max |d|", "bare_images_per_s": "bare/s",
+                "overhead": "overhead"})
+
+
+def format_row(r, columns=COLUMNS):
     cells = []
-    for key, width, fmt in COLUMNS:
+    for key, width, fmt in columns:
         v = r.get(key)
         flagged = any(e.startswith(key + " ") for e in r.get("measurement_errors", ()))
         text = "error" if flagged else "-" if v is None else fmt.format(v)
@@ -634,14 +653,21 @@ def format_row(r):
     return " ".join(cells)
 
 
-def format_table(rows):
+def format_table(rows, columns=COLUMNS):
     head = " ".join((HEADERS.get(k, k).ljust(w) if k in ("section", "model", "setup", "amp") else HEADERS.get(k, k).rjust(w))
-                    for k, w, _ in COLUMNS)
-    return "\n".join([head, "-" * len(head)] + [format_row(r) for r in rows])
+                    for k, w, _ in columns)
+    return "\n".join([head, "-" * len(head)] + [format_row(r, columns) for r in rows])
+
+
+def format_tables(rows):
+    """The main table, then the peers section's own (its columns differ)."""
+    peers = [r for r in rows if r["section"] == "peers"]
+    rest = [r for r in rows if r["section"] != "peers"]
+    return "\n\n".join(([format_table(rest)] if rest else []) + ([format_table(peers, PEER_COLUMNS)] if peers else []))
 
 
 def _progress(row):
-    print("  " + format_row(row), flush=True)
+    print("  " + format_row(row, PEER_COLUMNS if row["section"] == "peers" else COLUMNS), flush=True)
 
 
 def get_args(argv=None):
@@ -710,7 +736,7 @@ def main(args):
         info["load_average_1min_at_end"] = os.getloadavg()[0]
     info["peak_tflops"] = ctx.get("peak_tflops", {})
     print()
-    print(format_table(rows))
+    print(format_tables(rows))
     for r in rows:
         for e in r.get("measurement_errors", ()):
             print(f"measurement error in {r['model']} ({r['setup']}, {r['amp']}): {e}")

@@ -23,6 +23,7 @@ import torch
 from gissl import cli, dist
 from gissl import classification as cls
 from gissl.classification import build_datasets, dataset_paths, prediction_picture, to_display, write_predictions_csv
+from gissl.data import medical
 from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gissl.optim import freeze
 from gissl.errors import UserError
@@ -36,9 +37,11 @@ PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency", "reconstructi
 def get_args(argv=None):
     # the probed encoder is built from --checkpoint; there is no finetuned model (no --weights)
     p = cli.task_parser("transfer", "Evaluate a frozen pretrained encoder with representation probes", stage="eval",
-                        datasets=cls.CLASSIFICATION_DATASETS, default_batch_size=64, encoder_checkpoint=True,
+                        datasets=cls.CLASSIFICATION_DATASETS + medical.MEDICAL_DATASETS, default_batch_size=64,
+                        encoder_checkpoint=True,
                         weights=False)
     cls.add_arguments(p, "eval")
+    medical.add_dataset_arguments(p)
     p.add_argument("--protocol", default="linear", choices=PROTOCOLS,
                    help="linear probe, kNN, few-shot episodes, invariance to transforms, occlusion saliency, "
                         "or deep-image-prior reconstruction from the features")
@@ -110,12 +113,49 @@ def add_reconstruction_arguments(p):
 
 def check_transfer(args):
     cls.check_dataset(args.dataset, args.data_root)
+    check_medical(args)
     if args.pretraining in ("Hyperkvasir", "ImageNet_self") and not (args.ss_framework and args.checkpoint):
         raise UserError(f"--pretraining {args.pretraining} needs --ss-framework and --checkpoint PATH")
     args.frozen = True  # the name says so: '...init-frozen_True-dataset_...'
     if args.protocol == "reconstruction":
         check_reconstruction(args)
     return args
+
+
+def check_medical(args):
+    if args.labels and args.dataset != "csv":
+        raise UserError(f"--labels is read by --dataset csv only, not --dataset {args.dataset}")
+    if args.dataset == "csv" and not args.labels:
+        raise UserError("--dataset csv needs --labels FILE.csv (one row per image: a path and a label column)")
+    if args.dataset == "csv" and not os.path.isfile(args.labels):
+        raise UserError(f"--labels '{args.labels}' does not exist")
+    if args.dataset in medical.READERS and not args.data_root:
+        raise UserError(f"--dataset {args.dataset} has no built-in synthetic copy: pass --data-root DIR, the folder "
+                        "as downloaded (layouts: docs/transfer-study.md, Datasets)")
+    args.classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
+
+
+def medical_identity(args):
+    """What, besides the images, decides a medical dataset's labels (part of the feature cache key)."""
+    if args.dataset not in medical.MEDICAL_DATASETS:
+        return None
+    return [probes.checkpoint_identity(args.labels), args.path_column, args.label_column, args.label_kind,
+            args.classes, args.group_column, args.chexpert_uncertain]
+
+
+def transfer_datasets(args):
+    """``(root, {split: dataset}, class names)`` for ``--dataset`` (a medical one split by patient)."""
+    if args.dataset not in medical.MEDICAL_DATASETS:
+        root = cli.data_root(args)
+        return (root, *build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
+                                      skip_bad=args.skip_bad_files, augment_train=False))
+    root = cli.data_root(args) if args.data_root else os.path.dirname(os.path.abspath(args.labels))
+    ds, classes = medical.build_medical_datasets(
+        args.dataset, root, image_size=args.image_size, seed=42, skip_bad=args.skip_bad_files, augment_train=False,
+        labels=args.labels, path_column=args.path_column, label_column=args.label_column,
+        label_kind=args.label_kind, classes=args.classes, group_column=args.group_column,
+        chexpert_uncertain=args.chexpert_uncertain)
+    return root, ds, classes
 
 
 def check_reconstruction(args):
@@ -150,7 +190,8 @@ def features(args, encoder, datasets, root, device):
             folder, arch=args.arch, pretraining=args.pretraining, ss=args.ss_framework,
             checkpoint=probes.checkpoint_identity(args.checkpoint), dataset=args.dataset,
             init_seed=args.seed if args.pretraining == "random" else None,  # --seed draws the init
-            root=os.path.abspath(root), split_kind=args.split, split=split, image_size=args.image_size, n=len(ds))
+            root=os.path.abspath(root), split_kind=args.split, split=split, image_size=args.image_size, n=len(ds),
+            labels=medical_identity(args))
         out[split] = probes.extract_features(encoder, ds, device=device, batch_size=args.batch_size,
                                              workers=args.workers, cache=cache)
     return out
@@ -169,9 +210,7 @@ def scores(target, probs, classes):
 def main(args, encoder=None):
     """Run ``args.protocol``; ``encoder`` overrides the one built from the flags (tests)."""
     device = dist.resolve_device(args.device)
-    root = cli.data_root(args)
-    ds, classes = build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
-                                 skip_bad=args.skip_bad_files, augment_train=False)
+    root, ds, classes = transfer_datasets(args)
     if encoder is None:
         encoder = build_frozen_encoder(args, device)
     else:

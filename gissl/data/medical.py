@@ -210,19 +210,22 @@ def chestxray14(root, skip_bad=False):
 
 
 def _tb_set(root, csv_names, image_dir, what, skip_bad):
-    """Montgomery / Shenzhen: the study reads column 0 (file name) and column 3 (findings) of the
-    metadata CSV; "normal" is negative, any other finding (TB) positive; an empty finding is bad."""
+    """Montgomery / Shenzhen: the study reads column 0 (file name, ``study_id``) and column 3
+    (``findings``) of the metadata CSV (Kaggle's ``study_id,sex,age,findings``); "normal" is
+    negative, any other finding (TB) positive; an empty finding is bad. Images in the NLM
+    release's folder, which the study reads, or Kaggle's ``images/images/``."""
     path = _find(root, csv_names, f"{what} metadata")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
-    folder = os.path.join(os.path.dirname(path), *image_dir)
+    folder = _find(os.path.dirname(path), [os.path.join(*image_dir), os.path.join("images", "images"), "images"],
+                   f"{what} images")
     bad, listed = [], []
     for line, row in enumerate(rows[1:], start=2):  # row 1 is the header (pandas' header=0)
         name, finding = (row[0].strip() if row else ""), (row[3].strip() if len(row) > 3 else "")
         if not name or not finding:
             bad.append(f"{path} line {line}: " + ("empty file name" if not name else "no findings (column 4)"))
             continue
-        listed.append((os.path.join(folder, name), 0 if finding == "normal" else 1, None, None, f"{path} line {line}"))
+        listed.append((os.path.join(folder, name), int(finding.lower() != "normal"), None, None, f"{path} line {line}"))
     return _finish(listed, bad, skip_bad, f"{what} at {root}", ("normal", "abnormal"))
 
 

@@ -131,7 +131,7 @@ def check_medical(args):
         raise UserError(f"--labels '{args.labels}' does not exist")
     if args.dataset in medical.READERS and not args.data_root:
         raise UserError(f"--dataset {args.dataset} has no built-in synthetic copy: pass --data-root DIR, the folder "
-                        "as downloaded (layouts: docs/transfer-study.md, Datasets)")
+                        "as downloaded (layouts: docs/transfer-study.md, 'Datasets as downloaded')")
     args.classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
 
 

@@ -1,7 +1,7 @@
 """Feature inversion with a deep image prior: what does a frozen encoder keep of an image?
 
-The SSL-transfer study's reconstruction diagnostic (docs/transfer-study.md §b.1, "Feature
-inversion"), after Zhao et al., "What makes instance discrimination good for transfer
+The SSL-transfer study's reconstruction diagnostic (docs/transfer-study.md, "Feature inversion
+(deep image prior)"), after Zhao et al., "What makes instance discrimination good for transfer
 learning?" (ICLR 2021), which inverts features with the deep image prior of Ulyanov, Vedaldi
 and Lempitsky, "Deep Image Prior" (CVPR 2018):
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from gissl.errors import UserError
 
-# The study's generator (docs/transfer-study.md §b.1): six levels, 1x1 skips of 4 channels.
+# The study's generator (docs/transfer-study.md, "Feature inversion"): six levels, 1x1 skips of 4 channels.
 DIP_CHANNELS = (16, 32, 64, 128, 128, 128)
 DIP_SKIP_CHANNELS = (4, 4, 4, 4, 4, 4)
 DIP_KERNELS = (7, 7, 5, 5, 3, 3)

@@ -1,5 +1,6 @@
 """Small synthetic copies of the SSL-transfer study's medical datasets, in their on-disk layouts
-as downloaded (the study's readme and dataset classes; docs/transfer-study.md, Datasets).
+as downloaded (the study's readme and dataset classes; docs/transfer-study.md, "Datasets as
+downloaded").
 
 Each ``write_*(root, bad=False)`` writes a few 32-px images with the dataset's CSV(s) and file
 names, and returns ``{image file name: expected label after the study's rules}`` for the rows

@@ -55,8 +55,8 @@ def test_psnr_ssim_equal_torchmetrics():
     y = (0.7 * x + 0.3 * torch.rand(2, 3, 40, 48, generator=g, dtype=torch.float64)).clamp(0, 1)
     # tolerance 1e-5 dB: torchmetrics takes the log in float32
     assert inversion.psnr(x, y) == pytest.approx(float(peak_signal_noise_ratio(x, y, data_range=1.0)), abs=1e-5)
-    # tolerance 1e-9 (float64). torchmetrics reflect-pads before filtering; its SSIM map cropped by the 5-px window radius is
-    # Wang et al.'s "valid" map, which gissl averages
+    # tolerance 1e-9 (float64). torchmetrics reflect-pads before filtering; its SSIM map cropped by
+    # the 5-px window radius is Wang et al.'s "valid" map, which gissl averages
     _, full = structural_similarity_index_measure(x, y, data_range=1.0, return_full_image=True)
     assert inversion.ssim(x, y) == pytest.approx(float(full[..., 5:-5, 5:-5].mean()), abs=1e-9)
     assert inversion.ssim(x[0], x[0]) == pytest.approx(1.0) and inversion.psnr(x, x) == float("inf")

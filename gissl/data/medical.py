@@ -2,7 +2,8 @@
 
 Readers (each returns ``(samples, classes)``; a sample is ``{"image": path, "label": int,
 "size": (W, H), "group": patient id or None, "split": "test" or None}``; the layouts and
-label rules are those of the study's code and README, docs/transfer-study.md "Datasets"):
+label rules are those of the study's code and readme, docs/transfer-study.md, "Datasets as
+downloaded"):
 
 - :func:`csv_labels` -- ``--dataset csv --labels FILE.csv``: one row per image, a path column
   and a label column (binary, multi-class or ordinal), optionally a patient column;

@@ -66,18 +66,24 @@ def test_psnr_ssim_equal_torchmetrics():
     assert inversion.ssim(a, b, data_range=255) == pytest.approx(float(full[..., 5:-5, 5:-5].mean()), abs=1e-9)
 
 
-def test_lpips_equals_torchmetrics(tmp_path):
+def _lpips_files(folder):
+    """torchmetrics' LPIPS with a random AlexNet, and the same weights as the two files gissl reads:
+    a torchvision-keyed AlexNet state dict and the LPIPS package's linear layers (which
+    torchmetrics ships as they are)."""
     import torchmetrics.functional.image.lpips as tm
     torch.manual_seed(0)
-    ref = tm._LPIPS(pretrained=True, net="alex", pnet_rand=True).eval()  # random AlexNet, shipped linear layers
+    ref = tm._LPIPS(pretrained=True, net="alex", pnet_rand=True).eval()
     backbone = {}
     for k, v in ref.net.state_dict().items():  # slice{n}.{i}.weight -> features.{i}.weight (torchvision)
         _, i, rest = k.split(".", 2)
         backbone[f"features.{i}.{rest}"] = v
-    torch.save(backbone, tmp_path / "alexnet.pth")
-    # the linear layers as the LPIPS package ships them (the same file torchmetrics bundles)
-    ours = inversion.load_lpips(tmp_path / "alexnet.pth", os.path.join(os.path.dirname(tm.__file__), "lpips_models",
-                                                                        "alex.pth"))
+    torch.save(backbone, folder / "alexnet.pth")
+    return ref, folder / "alexnet.pth", os.path.join(os.path.dirname(tm.__file__), "lpips_models", "alex.pth")
+
+
+def test_lpips_equals_torchmetrics(tmp_path):
+    ref, backbone, linear = _lpips_files(tmp_path)
+    ours = inversion.load_lpips(backbone, linear)
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)
     expected = ref(x, y, normalize=True).flatten()
@@ -121,6 +127,9 @@ def test_eval_transfer_reconstruction(folder, tmp_path, monkeypatch, capsys):
     defaults = _args(monkeypatch, common)
     assert (defaults.dip_iterations, defaults.dip_lr, defaults.feature_layer) == (1000, 1e-3, "stage4")
     assert defaults.dip_channels == (16, 32, 64, 128, 128, 128) and defaults.dip_kernels == (7, 7, 5, 5, 3, 3)
+    _, backbone, linear = _lpips_files(tmp_path)
+    args = _args(monkeypatch, common + tiny + ["--lpips-weights", linear, "--lpips-backbone", str(backbone)])
+    assert eval_transfer.main(args)["LPIPS"] > 0
     for bad, flag in ((["--dip-channels", "8,16"], "--dip-channels"), (["--dip-kernels", "3,4,3"], "--dip-kernels"),
                       (["--lpips-weights", str(folder)], "--lpips-backbone"), (["--idx", "99"], "--idx")):
         monkeypatch.setattr(sys, "argv", ["eval_transfer.py"] + common + tiny + bad)

@@ -132,6 +132,9 @@ def check_medical(args):
     if args.dataset in medical.READERS and not args.data_root:
         raise UserError(f"--dataset {args.dataset} has no built-in synthetic copy: pass --data-root DIR, the folder "
                         "as downloaded (layouts: docs/transfer-study.md, 'Datasets as downloaded')")
+    if args.dataset in medical.MEDICAL_DATASETS and args.split != "random":
+        raise UserError(f"--split {args.split} is for HyperKvasir and class folders; --dataset {args.dataset} is "
+                        "split by patient (docs/transfer-study.md, 'Datasets as downloaded'): drop --split")
     args.classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
 
 

@@ -33,6 +33,32 @@ def test_generator_shapes_and_noise_side():
     assert study(torch.rand(1, 32, 128, 128)).shape == (1, 3, 128, 128)
 
 
+def _dip_skip_parameters(input_depth, down, up, skip, kernels, out=3):
+    """Parameter count of DIP's ``skip()`` (models/skip.py of Ulyanov et al.'s code, with
+    ``need1x1_up`` and biases), transcribed layer by layer: per level i, the skip branch conv
+    1x1 + BN, two down convs + BNs, the BN after the concatenation, the up conv + BN and the
+    1x1 conv + BN; then the final 1x1 conv."""
+    total, cin = 0, input_depth
+    for i, (c, s, k) in enumerate(zip(down, skip, kernels)):
+        below = up[i + 1] if i + 1 < len(down) else c
+        total += (cin * s + s + 2 * s) if s else 0
+        total += cin * c * k * k + c + 2 * c + c * c * k * k + c + 2 * c
+        total += 2 * (s + below)
+        total += (s + below) * up[i] * k * k + up[i] + 2 * up[i] + up[i] * up[i] + up[i] + 2 * up[i]
+        cin = c
+    return total + up[0] * out + out
+
+
+def test_generator_has_the_dip_skip_parameters():
+    study = inversion.SkipHourglass()
+    n = sum(p.numel() for p in study.parameters())
+    assert n == _dip_skip_parameters(32, inversion.DIP_CHANNELS, inversion.DIP_CHANNELS,
+                                     inversion.DIP_SKIP_CHANNELS, inversion.DIP_KERNELS)
+    small = inversion.SkipHourglass(8, (8, 16, 16), (4, 0, 4), (3, 5, 3))
+    assert sum(p.numel() for p in small.parameters()) == _dip_skip_parameters(8, (8, 16, 16), (8, 16, 16),
+                                                                               (4, 0, 4), (3, 5, 3))
+
+
 def test_feature_distance_falls_tenfold_in_30_steps():
     torch.manual_seed(0)
     encoder = freeze(build_encoder("resnet18")).eval()

@@ -121,7 +121,9 @@ def test_eval_transfer_reads_medical_datasets(tmp_path, monkeypatch, capsys):
     res = eval_transfer.main(eval_transfer.get_args())
     assert 0 <= res["Accuracy"] <= 1
     for bad, text in ((["--dataset", "csv"], "--labels"), (["--dataset", "CheXpert"], "--data-root"),
-                      (["--dataset", "BACH", "--data-root", str(tmp_path)], "class folder missing")):
+                      (["--dataset", "BACH", "--data-root", str(tmp_path)], "class folder missing"),
+                      (["--dataset", "csv", "--labels", str(tmp_path / "s" / "labels.csv"), "--split", "stratified"],
+                       "split by patient")):
         monkeypatch.setattr(sys, "argv", ["eval_transfer.py"] + bad + argv)
         with pytest.raises(SystemExit) as e:
             cli.run(eval_transfer.main, eval_transfer.get_args)

@@ -62,6 +62,14 @@ def test_study_label_rules(tmp_path):
     assert len(ignored) == len(ones) - len(uncertain) and not any("patient00004" in s["image"] for s in ignored)
     assert {s["label"] for s in ones if "patient00003" in s["image"]} == {0}  # blank
     assert [s["split"] for s in ones].count("test") == 2  # valid.csv is the test split
+    # CheXpert in a renamed release folder: paths resolved next to the CSVs
+    os.rename(tmp_path / "cx" / "CheXpert-v1.0", tmp_path / "cx" / "chexpert")
+    assert len(medical.chexpert(str(tmp_path / "cx" / "chexpert"))[0]) == len(ones)
+    # ChestX-ray14 as released, images_0XX/images/ not merged
+    expected = trees.write_chestxray14(str(tmp_path / "nih"))
+    os.makedirs(tmp_path / "nih" / "images_001")
+    os.rename(tmp_path / "nih" / "images", tmp_path / "nih" / "images_001" / "images")
+    assert len(medical.chestxray14(str(tmp_path / "nih"))[0]) == len(expected)
     # Shenzhen: the README's file name works too
     trees.write_shenzhen(str(tmp_path / "sz"), csv_name="shenzhencxr_metadata.csv")
     assert len(medical.shenzhen(str(tmp_path / "sz"))[0]) == 7

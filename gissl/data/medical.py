@@ -180,21 +180,32 @@ def chexpert(root, *, uncertain="ones", skip_bad=False):
             if mapping[value] is None:
                 continue  # uncertain, --chexpert-uncertain ignore
             patient = re.search(r"patient\d+", rel)
-            listed.append((os.path.join(parent, rel), mapping[value], patient.group(0) if patient else None, split,
-                           f"{path} line {line}"))
+            image = os.path.join(parent, rel)
+            if not os.path.exists(image) and "/" in rel:  # the release folder renamed: relative to the CSVs
+                image = os.path.join(base, rel.split("/", 1)[1])
+            listed.append((image, mapping[value], patient.group(0) if patient else None, split, f"{path} line {line}"))
     return _finish(listed, bad, skip_bad, f"CheXpert at {base}", ("no pleural effusion", "pleural effusion"))
+
+
+def _chestx_images(folder):
+    """``{file name: path}`` of the images in ``folder/images/`` (the study's merged folder) or,
+    when that is absent, in the release's ``images_001/images/`` .. ``images_012/images/``."""
+    subs = ["images"] if os.path.isdir(os.path.join(folder, "images")) else sorted(
+        os.path.join(d, "images") for d in os.listdir(folder) if re.fullmatch(r"images_\d+", d))
+    return {os.path.basename(p): p for sub in subs for p in _list_images(os.path.join(folder, sub))}
 
 
 def chestxray14(root, skip_bad=False):
     """NIH ChestX-ray14: ``Data_Entry_2017.csv`` + every image in ``images/`` (the study merges the
-    ``images_0XX`` folders). The study's rule: single-finding rows of Atelectasis, Cardiomegaly,
-    Effusion, Infiltration, Mass, Nodule or Pneumothorax, ids 0..6; "No Finding", Pneumonia, the
-    other findings and rows with several findings are left out (not bad rows). Split by
-    ``Patient ID``."""
+    ``images_0XX`` folders; unmerged ``images_0XX/images/`` are read too). The study's rule:
+    single-finding rows of Atelectasis, Cardiomegaly, Effusion, Infiltration, Mass, Nodule or
+    Pneumothorax, ids 0..6; "No Finding", Pneumonia, the other findings and rows with several
+    findings are left out (not bad rows). Split by ``Patient ID``."""
     path = _find(root, ["Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"], "ChestX-ray14 Data_Entry_2017.csv")
+    folder = os.path.dirname(path)
     header, rows = _read_rows(path)
     _need_columns(path, header, ["Image Index", "Finding Labels"])
-    images = os.path.join(os.path.dirname(path), "images")
+    images = _chestx_images(folder)
     bad, listed = [], []
     for line, row in rows:
         findings = [f.strip() for f in (row["Finding Labels"] or "").split("|") if f.strip()]
@@ -205,8 +216,9 @@ def chestxray14(root, skip_bad=False):
                                                  "empty Finding Labels" if not findings else "empty Image Index"))
             continue
         if len(findings) == 1 and findings[0] in CHESTX_CLASSES:
-            listed.append((os.path.join(images, name), CHESTX_CLASSES.index(findings[0]),
-                           (row.get("Patient ID") or "").strip() or None, None, f"{path} line {line}"))
+            listed.append((images.get(name, os.path.join(folder, "images", name)),
+                           CHESTX_CLASSES.index(findings[0]), (row.get("Patient ID") or "").strip() or None, None,
+                           f"{path} line {line}"))
     return _finish(listed, bad, skip_bad, f"ChestX-ray14 at {root}", CHESTX_CLASSES)
 
 

@@ -107,6 +107,26 @@ def _lpips_files(folder):
     return ref, folder / "alexnet.pth", os.path.join(os.path.dirname(tm.__file__), "lpips_models", "alex.pth")
 
 
+def test_ssim_equals_a_transcription_of_wang_2004():
+    """SSIM(x, y) = mean over window positions of (2 mx my + C1)(2 sxy + C2) / ((mx² + my² + C1)(sx² + sy² + C2)),
+    moments weighted by the 11x11 Gaussian (σ 1.5, sum 1), written out position by position."""
+    import math
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 1, 14, 13, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.randn(1, 1, 14, 13, generator=g, dtype=torch.float64)).clamp(0, 1)
+    r = [(i - 5) ** 2 for i in range(11)]
+    w = torch.tensor([[math.exp(-(a + b) / (2 * 1.5 ** 2)) for b in r] for a in r], dtype=torch.float64)
+    w = w / w.sum()
+    c1, c2, vals = 0.01 ** 2, 0.03 ** 2, []
+    for i in range(14 - 10):
+        for j in range(13 - 10):
+            a, b = x[0, 0, i:i + 11, j:j + 11], y[0, 0, i:i + 11, j:j + 11]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb, cab = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
+            vals.append(((2 * ma * mb + c1) * (2 * cab + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    assert inversion.ssim(x, y) == pytest.approx(float(torch.stack(vals).mean()), abs=1e-12)
+
+
 def test_lpips_equals_torchmetrics(tmp_path):
     ref, backbone, linear = _lpips_files(tmp_path)
     ours = inversion.load_lpips(backbone, linear)

@@ -141,9 +141,9 @@ def check_medical(args):
 def medical_identity(args):
     """What, besides the images, decides a medical dataset's labels (part of the feature cache key)."""
     if args.dataset not in medical.MEDICAL_DATASETS:
-        return None
-    return [probes.checkpoint_identity(args.labels), args.path_column, args.label_column, args.label_kind,
-            args.classes, args.group_column, args.chexpert_uncertain]
+        return {}  # other datasets keep their cache keys
+    return {"labels": [probes.checkpoint_identity(args.labels), args.path_column, args.label_column, args.label_kind,
+                       args.classes, args.group_column, args.chexpert_uncertain]}
 
 
 def transfer_datasets(args):
@@ -194,7 +194,7 @@ def features(args, encoder, datasets, root, device):
             checkpoint=probes.checkpoint_identity(args.checkpoint), dataset=args.dataset,
             init_seed=args.seed if args.pretraining == "random" else None,  # --seed draws the init
             root=os.path.abspath(root), split_kind=args.split, split=split, image_size=args.image_size, n=len(ds),
-            labels=medical_identity(args))
+            **medical_identity(args))
         out[split] = probes.extract_features(encoder, ds, device=device, batch_size=args.batch_size,
                                              workers=args.workers, cache=cache)
     return out

@@ -7,6 +7,8 @@ Protocols (docs/transfer-study.md §b.1, with the fixes of docs/transfer-study.m
   fewshot     prototypical-network episodes: N-way K-shot, 15 queries, 600 episodes, mean ± 95 % CI
   invariance  cosine similarity of (centred) features under rotation, flips, colour, blur, crop
   saliency    occlusion maps (10×10 patch) and attentive diffusion (% of the map above its mean)
+  reconstruction  deep-image-prior feature inversion (Ulyanov et al. 2018, as Zhao et al. 2021):
+              input | reconstruction panels for --idx, PSNR and SSIM (LPIPS with --lpips-weights)
 
 The encoder is frozen and stays in eval mode (BatchNorm statistics never change); features are
 extracted once per encoder / dataset / split and cached under ``<output-dir>/features``.
@@ -21,24 +23,28 @@ import torch
 from gissl import cli, dist
 from gissl import classification as cls
 from gissl.classification import build_datasets, dataset_paths, prediction_picture, to_display, write_predictions_csv
+from gissl.data import medical
 from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gissl.optim import freeze
 from gissl.errors import UserError
 from gissl.metrics import classification_metrics, format_per_class
 from gissl.report import append_eval_results
-from gissl import probes
+from gissl import inversion, probes
 
-PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency")
+PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency", "reconstruction")
 
 
 def get_args(argv=None):
     # the probed encoder is built from --checkpoint; there is no finetuned model (no --weights)
     p = cli.task_parser("transfer", "Evaluate a frozen pretrained encoder with representation probes", stage="eval",
-                        datasets=cls.CLASSIFICATION_DATASETS, default_batch_size=64, encoder_checkpoint=True,
+                        datasets=cls.CLASSIFICATION_DATASETS + medical.MEDICAL_DATASETS, default_batch_size=64,
+                        encoder_checkpoint=True,
                         weights=False)
     cls.add_arguments(p, "eval")
+    medical.add_dataset_arguments(p)
     p.add_argument("--protocol", default="linear", choices=PROTOCOLS,
-                   help="linear probe, kNN, few-shot episodes, invariance to transforms, or occlusion saliency")
+                   help="linear probe, kNN, few-shot episodes, invariance to transforms, occlusion saliency, "
+                        "or deep-image-prior reconstruction from the features")
     p.add_argument("--no-cache", dest="no_cache", action="store_true", help="re-extract features")
     g = p.add_argument_group("linear")
     g.add_argument("--wd-values", dest="wd_values", type=int, default=45,
@@ -66,19 +72,111 @@ def get_args(argv=None):
     g.add_argument("--k-transforms", dest="k_transforms", type=int, default=8,
                    help="transforms drawn per family and image")
     g = p.add_argument_group("saliency")
-    g.add_argument("--idx", default="0", help="comma-separated 0-based positions in the test split")
+    g.add_argument("--idx", default="0",
+                   help="comma-separated 0-based positions in the test split (saliency, reconstruction)")
     g.add_argument("--patch", type=int, default=10, help="occluding window side in pixels (reference 10)")
     g.add_argument("--stride", type=int, default=5,
                    help="window stride; the reference's 1 costs (size-9)² forward passes per image")
+    add_reconstruction_arguments(p)
     return check_transfer(cli.parse(p, argv))
+
+
+def _ints(text):
+    return tuple(int(v) for v in str(text).split(",") if v.strip())
+
+
+def add_reconstruction_arguments(p):
+    g = p.add_argument_group("reconstruction (deep image prior; defaults: the transfer study's reconstruction.py)")
+    g.add_argument("--feature-layer", dest="feature_layer", default="stage4", choices=inversion.FEATURE_LAYERS,
+                   help="features to invert: stage1..stage4 = forward_features maps (ResNet stages; stage4 is "
+                        "the study's layer4), pooled = the encoder's output vector")
+    g.add_argument("--dip-iterations", dest="dip_iterations", type=int, default=inversion.DIP_ITERATIONS,
+                   help="Adam steps on the generator (study: 1000; its cluster runs used 3000)")
+    g.add_argument("--dip-lr", dest="dip_lr", type=float, default=inversion.DIP_LR,
+                   help="Adam learning rate of the generator (study: 1e-3)")
+    g.add_argument("--dip-channels", dest="dip_channels", default=",".join(map(str, inversion.DIP_CHANNELS)),
+                   help="generator channels per level, comma-separated (one value per level; study: "
+                        "16,32,64,128,128,128); fewer or narrower levels are faster on CPU")
+    g.add_argument("--dip-skip-channels", dest="dip_skip_channels",
+                   default=",".join(map(str, inversion.DIP_SKIP_CHANNELS)),
+                   help="channels of each level's 1x1 skip connection, comma-separated (0 = none; study: 4 each)")
+    g.add_argument("--dip-kernels", dest="dip_kernels", default=",".join(map(str, inversion.DIP_KERNELS)),
+                   help="odd convolution kernel side per level in pixels, comma-separated (study: 7,7,5,5,3,3)")
+    g.add_argument("--dip-input-depth", dest="dip_input_depth", type=int, default=inversion.DIP_INPUT_DEPTH,
+                   help="channels of the input noise (study: 32)")
+    g.add_argument("--lpips-weights", dest="lpips_weights", default=None, metavar="FILE",
+                   help="the LPIPS package's AlexNet linear layers (weights/v0.1/alex.pth); with "
+                        "--lpips-backbone, LPIPS is reported too (skipped otherwise: nothing is downloaded)")
+    g.add_argument("--lpips-backbone", dest="lpips_backbone", default=None, metavar="FILE",
+                   help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth) for LPIPS")
 
 
 def check_transfer(args):
     cls.check_dataset(args.dataset, args.data_root)
+    check_medical(args)
     if args.pretraining in ("Hyperkvasir", "ImageNet_self") and not (args.ss_framework and args.checkpoint):
         raise UserError(f"--pretraining {args.pretraining} needs --ss-framework and --checkpoint PATH")
     args.frozen = True  # the name says so: '...init-frozen_True-dataset_...'
+    if args.protocol == "reconstruction":
+        check_reconstruction(args)
     return args
+
+
+def check_medical(args):
+    if args.labels and args.dataset != "csv":
+        raise UserError(f"--labels is read by --dataset csv only, not --dataset {args.dataset}")
+    if args.dataset == "csv" and not args.labels:
+        raise UserError("--dataset csv needs --labels FILE.csv (one row per image: a path and a label column)")
+    if args.dataset == "csv" and not os.path.isfile(args.labels):
+        raise UserError(f"--labels '{args.labels}' does not exist")
+    if args.dataset in medical.READERS and not args.data_root:
+        raise UserError(f"--dataset {args.dataset} has no built-in synthetic copy: pass --data-root DIR, the folder "
+                        "as downloaded (layouts: docs/transfer-study.md, 'Datasets as downloaded')")
+    if args.dataset in medical.MEDICAL_DATASETS and args.split != "random":
+        raise UserError(f"--split {args.split} is for HyperKvasir and class folders; --dataset {args.dataset} is "
+                        "split by patient (docs/transfer-study.md, 'Datasets as downloaded'): drop --split")
+    args.classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
+
+
+def medical_identity(args):
+    """What, besides the images, decides a medical dataset's labels (part of the feature cache key)."""
+    if args.dataset not in medical.MEDICAL_DATASETS:
+        return {}  # other datasets keep their cache keys
+    return {"labels": [probes.checkpoint_identity(args.labels), args.path_column, args.label_column, args.label_kind,
+                       args.classes, args.group_column, args.chexpert_uncertain]}
+
+
+def transfer_datasets(args):
+    """``(root, {split: dataset}, class names)`` for ``--dataset`` (a medical one split by patient)."""
+    if args.dataset not in medical.MEDICAL_DATASETS:
+        root = cli.data_root(args)
+        return (root, *build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
+                                      skip_bad=args.skip_bad_files, augment_train=False))
+    root = cli.data_root(args) if args.data_root else os.path.dirname(os.path.abspath(args.labels))
+    ds, classes = medical.build_medical_datasets(
+        args.dataset, root, image_size=args.image_size, seed=42, skip_bad=args.skip_bad_files, augment_train=False,
+        labels=args.labels, path_column=args.path_column, label_column=args.label_column,
+        label_kind=args.label_kind, classes=args.classes, group_column=args.group_column,
+        chexpert_uncertain=args.chexpert_uncertain)
+    return root, ds, classes
+
+
+def check_reconstruction(args):
+    try:
+        args.dip_channels, args.dip_skip_channels, args.dip_kernels = (
+            _ints(args.dip_channels), _ints(args.dip_skip_channels), _ints(args.dip_kernels))
+    except ValueError:
+        raise UserError("--dip-channels, --dip-skip-channels and --dip-kernels take comma-separated integers, "
+                        "e.g. 16,32,64") from None
+    if args.dip_iterations < 1 or args.dip_lr <= 0:
+        raise UserError(f"--dip-iterations {args.dip_iterations} must be >= 1 and --dip-lr {args.dip_lr} > 0")
+    if bool(args.lpips_weights) != bool(args.lpips_backbone):
+        raise UserError("LPIPS needs both --lpips-weights FILE and --lpips-backbone FILE (or neither: it is skipped)")
+    for flag, path in (("--lpips-weights", args.lpips_weights), ("--lpips-backbone", args.lpips_backbone)):
+        if path and not os.path.isfile(path):
+            raise UserError(f"{flag} '{path}' does not exist")
+    if args.image_size < 11:
+        raise UserError(f"--image-size {args.image_size}: SSIM needs images of at least 11 pixels")
 
 
 def build_frozen_encoder(args, device):
@@ -95,7 +193,8 @@ def features(args, encoder, datasets, root, device):
             folder, arch=args.arch, pretraining=args.pretraining, ss=args.ss_framework,
             checkpoint=probes.checkpoint_identity(args.checkpoint), dataset=args.dataset,
             init_seed=args.seed if args.pretraining == "random" else None,  # --seed draws the init
-            root=os.path.abspath(root), split_kind=args.split, split=split, image_size=args.image_size, n=len(ds))
+            root=os.path.abspath(root), split_kind=args.split, split=split, image_size=args.image_size, n=len(ds),
+            **medical_identity(args))
         out[split] = probes.extract_features(encoder, ds, device=device, batch_size=args.batch_size,
                                              workers=args.workers, cache=cache)
     return out
@@ -114,9 +213,7 @@ def scores(target, probs, classes):
 def main(args, encoder=None):
     """Run ``args.protocol``; ``encoder`` overrides the one built from the flags (tests)."""
     device = dist.resolve_device(args.device)
-    root = cli.data_root(args)
-    ds, classes = build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
-                                 skip_bad=args.skip_bad_files, augment_train=False)
+    root, ds, classes = transfer_datasets(args)
     if encoder is None:
         encoder = build_frozen_encoder(args, device)
     else:
@@ -184,10 +281,49 @@ def main(args, encoder=None):
             print(f"{test.samples[i]['image']}\n  -> {path}")
         res = {"Attentive diffusion (%)": sum(diffusion) / len(diffusion), "Images": len(idx),
                "Occlusion": f"{args.patch}x{args.patch} patch, stride {args.stride}"}
+    elif proto == "reconstruction":
+        res = reconstruction(args, encoder, ds["test"], device, name)
     append_eval_results(title, name, res)
     if args.save_predictions and proto in ("linear", "knn"):
         write_predictions_csv(args.save_predictions, dataset_paths(ds["test"]), f["test"]["labels"], probs)
         print(f"predictions: {args.save_predictions}")
+    return res
+
+
+def reconstruction(args, encoder, test, device, name):
+    """Invert the features of each ``--idx`` test image; save input | reconstruction panels and
+    return the mean PSNR / SSIM (and LPIPS with its weight files) over those images."""
+    idx = cli.positions(args) or [0]
+    bad = [i for i in idx if not 0 <= i < len(test)]
+    if bad:
+        raise UserError(f"--idx {bad} out of range: the test split has {len(test)} images")
+    lpips = inversion.load_lpips(args.lpips_backbone, args.lpips_weights) if args.lpips_weights else None
+    if lpips is None:
+        print("LPIPS skipped: it needs --lpips-weights and --lpips-backbone (local files; nothing is downloaded)")
+    folder, scores = cli.predictions_dir(args), {"PSNR (dB)": [], "SSIM": [], "LPIPS": [], "Feature MSE ratio": []}
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for i in idx:
+        image = (test[i]["image"] * std + mean).clamp(0, 1).to(device)  # [0, 1]: what the generator makes
+        out = inversion.invert(encoder, image, layer=args.feature_layer, iterations=args.dip_iterations,
+                               lr=args.dip_lr, channels=args.dip_channels, skips=args.dip_skip_channels,
+                               kernels=args.dip_kernels, input_depth=args.dip_input_depth, seed=args.seed,
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD, log_every=max(1, args.dip_iterations // 5))
+        rec = out["reconstruction"]
+        scores["PSNR (dB)"].append(inversion.psnr(rec, image))
+        scores["SSIM"].append(inversion.ssim(rec, image))
+        scores["Feature MSE ratio"].append(out["losses"][0] / max(out["losses"][-1], 1e-30))
+        text = f"PSNR {scores['PSNR (dB)'][-1]:.2f} dB, SSIM {scores['SSIM'][-1]:.3f}"
+        if lpips is not None:
+            scores["LPIPS"].append(float(lpips.to(device)(rec[None], image[None])[0]))
+            text += f", LPIPS {scores['LPIPS'][-1]:.3f}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"reconstruction{i}_{name}.png"
+        inversion.reconstruction_panel(image, rec, text).save(path)
+        print(f"{test.samples[i]['image']}: {text}, feature MSE {out['losses'][0]:.4g} -> {out['losses'][-1]:.4g} "
+              f"in {out['seconds']:.1f} s\n  -> {path}")
+    res = {k: sum(v) / len(v) for k, v in scores.items() if v}
+    res["LPIPS"] = res.get("LPIPS", "skipped (no --lpips-weights)")
+    res.update({"Images": len(idx), "Feature layer": args.feature_layer, "DIP iterations": args.dip_iterations})
     return res
 
 

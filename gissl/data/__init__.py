@@ -66,6 +66,13 @@ Building blocks for other datasets: ``decode_resized(path, (W, H), exact=False) 
 reference's pixels, which the val/test datasets use), ``to_image_tensor(pil) -> tv_tensors.Image (3,H,W) float [0,1]``,
 ``resize_mask(bool (H,W), (W, H)) -> bool``.
 
+Medical datasets (``gissl.data.medical``, the SSL-transfer study's, as downloaded):
+``MEDICAL_DATASETS`` (``csv``, ``CheXpert``, ``ChestX-ray14``, ``MontgomeryCXR``,
+``ShenzhenCXR``, ``EyePACS``, ``iChallenge_AMD``, ``iChallenge_PM``, ``BACH``),
+``read_medical(dataset, root, ...) -> (samples, classes)``,
+``build_medical_datasets(dataset, root, image_size=224, ...) -> (dict(train=, val=, test=), classes)``
+(split by patient); ``build_classification_datasets`` accepts these names too.
+
 Splits: ``split_indices(n, seed=42) -> (train, val, test)`` (SSL4GIE's, equal to sklearn's
 two-step ``train_test_split``), ``stratified_split_indices(labels, seed=42)``.
 
@@ -84,3 +91,4 @@ from gissl.data.splits import split_indices, stratified_split_indices  # noqa: F
 
 from gissl.data.datasets import *  # noqa: F401,F403,E402
 from gissl.data.transforms import from_square, pad_boxes, unpad_boxes  # noqa: F401,E402
+from gissl.data.medical import MEDICAL_DATASETS, build_medical_datasets, read_medical  # noqa: F401,E402

@@ -699,12 +699,20 @@ def _split(samples, idx):
     return [samples[i] for i in idx]
 
 
-def build_classification_datasets(dataset, root, image_size=224, split="random", seed=42, skip_bad=False):
+def build_classification_datasets(dataset, root, image_size=224, split="random", seed=42, skip_bad=False,
+                                  **medical_options):
     """HyperKvasir classification. ``split="random"``: the reference's unstratified
     ``split_indices``; ``"stratified"``: per-class 80/10/10. Returns dict(train=, val=, test=) of
-    ClassificationDataset (each with ``.classes`` and ``.labels``)."""
+    ClassificationDataset (each with ``.classes`` and ``.labels``). A dataset of
+    ``gissl.data.medical.MEDICAL_DATASETS`` is read by that module (``medical_options``: its
+    ``read_medical`` keywords) and split by patient instead."""
+    from gissl.data import medical  # imports this module
+    if dataset in medical.MEDICAL_DATASETS:  # the transfer study's datasets, patient-wise split
+        return medical.build_medical_datasets(dataset, root, image_size=image_size, seed=seed, skip_bad=skip_bad,
+                                              **medical_options)[0]
     if dataset not in CLASSIFICATION_DATASETS:
-        raise UserError(f"unknown classification dataset {dataset!r}; choose from {', '.join(CLASSIFICATION_DATASETS)}")
+        raise UserError(f"unknown classification dataset {dataset!r}; choose from "
+                        f"{', '.join(list(CLASSIFICATION_DATASETS) + list(medical.MEDICAL_DATASETS))}")
     subset = CLASSIFICATION_DATASETS[dataset]
     samples = hyperkvasir_labelled(root, subset, skip_bad)
     if split == "random":

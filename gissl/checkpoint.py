@@ -32,11 +32,16 @@ _AGAIN = "copy or download it again, or pass the path of the right file"
 # "weight_decay" from NumPy schedules (np.float64), pickled as numpy's ``scalar(dtype, bytes)``
 # (``numpy.core.multiarray.scalar`` when written with NumPy 1.x) and ``numpy.dtype``: a number
 # rebuilt from its bytes, no code; the dtype is rebuilt as its class (NumPy >= 1.25: numpy.dtypes.Float64DType, ...).
-_NUMPY_SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-_NUMPY_DTYPES = tuple(dict.fromkeys(type(np.dtype(c)) for c in ("f8", "f4", "f2", "i8", "i4", "b1")))
+# SSL4GIE's finetuned checkpoints store np.random.get_state() ('np_state'): a uint32 array,
+# pickled as ``_reconstruct(ndarray, shape, dtype)`` plus its raw bytes, again no code.
+_NUMPY_MODULE = np._core if hasattr(np, "_core") else np.core
+_NUMPY_SCALAR = _NUMPY_MODULE.multiarray.scalar
+_NUMPY_RECONSTRUCT = _NUMPY_MODULE.multiarray._reconstruct
+_NUMPY_DTYPES = tuple(dict.fromkeys(type(np.dtype(c)) for c in ("f8", "f4", "f2", "i8", "i4", "u4", "b1")))
 SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath, np.dtype, *_NUMPY_DTYPES, _NUMPY_SCALAR,
-                (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"), (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"))
+                pathlib.PureWindowsPath, np.dtype, np.ndarray, *_NUMPY_DTYPES,
+                *[(f, f"numpy.{m}.multiarray.{f.__name__}") for f in (_NUMPY_SCALAR, _NUMPY_RECONSTRUCT)
+                  for m in ("core", "_core")])
 
 
 def load_file(path):
@@ -223,6 +228,11 @@ def _layout(obj, path, enc):
     epoch = f", epoch {top['epoch']}" if isinstance(top.get("epoch"), int) else ""
     if container == "teacher":
         return "dino", f"DINO main_dino.py training checkpoint (student/teacher{epoch})"
+    if container == "model_state_dict":
+        from gissl.models.ssl4gie_checkpoints import task_of
+        task = task_of(state) or "<task>"
+        return "ssl4gie-finetuned", f"SSL4GIE train_{task}.py finetuned checkpoint (model_state_dict{epoch}); " \
+                                    f"eval_{task}.py / predict_{task}.py --weights FILE use the whole model"
     if container == "state_dict" and prefix.startswith("module.base_encoder."):
         return "mocov3", f"MoCo v3 main_moco.py checkpoint ('arch' {top.get('arch')!r}{epoch})"
     if container == "state_dict" and "encoder_q" in prefix:

@@ -35,8 +35,9 @@ from gissl.checkpoint import load_file
 from gissl.errors import CheckpointError
 from gissl.models.vit import resample_pos_embed
 
-# Keys under which trainers store the weights: MoCo v3 "state_dict", MAE and gissl "model".
-_CONTAINER_KEYS = ("state_dict", "model")
+# Keys under which trainers store the weights: MoCo v3 "state_dict", MAE and gissl "model",
+# SSL4GIE's finetuned checkpoints "model_state_dict".
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
 # Parts of SSL / supervised models that are not the encoder: ResNet fc (MoCo v3 projector,
 # ImageNet classifier), ViT head (MoCo v3 projector, timm classifier), fc_norm (timm pooled
 # head norm), MAE's mask token and decoder.
@@ -44,8 +45,10 @@ _CONTAINER_KEYS = ("state_dict", "model")
 # classifier), MAE's decoder, and SwAV / DeepCluster-v2 / SeLa-v2's projection_head and
 # prototypes (a Linear, or MultiPrototypes' prototypes0, prototypes1, ...), and EndoFinder's
 # fixed mask-patch summer target_embed (a frozen all-ones conv over the polyp mask).
+# SSL4GIE's finetuned models add lin_head (classifier), decoder / decoder_levels / output_conv (DPT and
+# its residual depth decoder) beside an encoder at the top level.
 _DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.", "projection_head.", "prototypes",
-                     "target_embed.")
+                     "target_embed.", "lin_head.", "decoder.", "output_conv.")
 # torchvision's released DenseNet files keep the names of its first DenseNet code
 # ("denselayer1.norm.1.weight" for today's "denselayer1.norm1.weight"); torchvision renames them
 # on load with this pattern, and so does gissl.

@@ -323,3 +323,37 @@ def test_inspect_names_the_layout_and_the_encoder_loads_as_a_checkpoint(tmp_path
                             img_size=SIZE)
     torch.testing.assert_close(encoder.state_dict()["blocks.3.attn.qkv.weight"],
                                ref.vit.state_dict()["blocks.3.attn.qkv.weight"])
+
+
+# --------------------------------------------------------------------------- the scripts
+
+def _run(module, monkeypatch, argv):
+    import sys
+    monkeypatch.setattr(sys, "argv", [module.__file__] + argv)
+    module.main(module.get_args())
+
+
+def test_scripts_evaluate_predict_and_export_ssl4gie_files(tmp_path, monkeypatch, capsys):
+    """eval / predict / export.py (ONNX, checked with onnxruntime) on SSL4GIE files alone: the
+    DeepLabV3+ segmentation model and the residual depth model."""
+    import eval_segmentation
+    import export
+    import predict_segmentation
+    from gissl.data.synthetic import generate
+    torch.manual_seed(0)
+    seg_file = _ssl4gie_file(tmp_path / "resnet50-random_init-frozen_False-dataset_Kvasir.pth",
+                             _randomise_norms(smp.DeepLabV3Plus(encoder_name="resnet18", encoder_weights=None)))
+    depth_file = _ssl4gie_file(tmp_path / "resnet50-random_init-frozen_False-dataset_C3VD.pth",
+                               _residual_reference("resnet18"))
+    data = generate("Kvasir", str(tmp_path / "kv"), num=12, seed=3)
+    monkeypatch.chdir(tmp_path)
+    common = ["--weights", str(seg_file), "--image-size", str(SIZE), "--workers", "0", "--data-root", str(data)]
+    _run(eval_segmentation, monkeypatch, common)
+    assert "Dice: " in (tmp_path / "eval_results.txt").read_text()
+    _run(predict_segmentation, monkeypatch, common + ["--idx", "0"])
+    assert len(list((tmp_path / "Predictions").rglob("test0_*.png"))) == 1
+    for task, path in (("segmentation", seg_file), ("depth", depth_file)):
+        capsys.readouterr()
+        _run(export, monkeypatch, ["--task", task, "--weights", str(path), "--image-size", str(SIZE),
+                                   "--output", str(tmp_path / f"{task}.onnx"), "--check"])
+        assert "onnxruntime vs PyTorch" in capsys.readouterr().out

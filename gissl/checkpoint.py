@@ -251,6 +251,10 @@ def _layout(obj, path, enc):
             return "mae-pretrain", f"MAE main_pretrain.py checkpoint (encoder + decoder{epoch})"
         if prefix == "" and enc["family"] == "vit":
             return "mae-release", "{'model': ViT state dict} (MAE's released mae_pretrain_vit_*.pth layout)"
+    if container is None and prefix == "backbone." and "embeddings.1.weight" in state:
+        dims = state["embeddings.1.weight"].shape[0]
+        return "sscd-classy", f"SSCD Classy Vision weights (sscd Model 'CV_*': backbone.* in Classy Vision names, " \
+                              f"read as torchvision's; embeddings.1 the {dims}-d descriptor Linear after GeM)"
     if container is None and prefix == "backbone." and "backbone.fc.weight" in state:
         dims = state["backbone.fc.weight"].shape[0]
         return "sscd-torchvision", f"SSCD torchvision weights (sscd Model 'TV_*': backbone.* with a {dims}-d " \

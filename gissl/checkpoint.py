@@ -38,10 +38,22 @@ _NUMPY_MODULE = np._core if hasattr(np, "_core") else np.core
 _NUMPY_SCALAR = _NUMPY_MODULE.multiarray.scalar
 _NUMPY_RECONSTRUCT = _NUMPY_MODULE.multiarray._reconstruct
 _NUMPY_DTYPES = tuple(dict.fromkeys(type(np.dtype(c)) for c in ("f8", "f4", "f2", "i8", "i4", "u4", "b1")))
+
+
+class LightningCallbackClass:
+    """Stands for a PyTorch Lightning callback class named in a checkpoint. Lightning 1.0-1.4 keyed
+    the saved callback states by the callback's class (``{ModelCheckpoint: {"best_model_path": ...}}``,
+    e.g. CovidPrognosis's MoCo checkpoints); unpickling that reference gives this inert class, used
+    only as a dict key: Lightning is neither needed nor imported, and nothing is instantiated."""
+
+
+_LIGHTNING_CALLBACKS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                        "pytorch_lightning.callbacks.early_stopping.EarlyStopping")
 SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                 pathlib.PureWindowsPath, np.dtype, np.ndarray, *_NUMPY_DTYPES,
                 *[(f, f"numpy.{m}.multiarray.{f.__name__}") for f in (_NUMPY_SCALAR, _NUMPY_RECONSTRUCT)
-                  for m in ("core", "_core")])
+                  for m in ("core", "_core")],
+                *[(LightningCallbackClass, name) for name in _LIGHTNING_CALLBACKS])
 
 
 def load_file(path):
@@ -233,6 +245,9 @@ def _layout(obj, path, enc):
         task = task_of(state) or "<task>"
         return "ssl4gie-finetuned", f"SSL4GIE train_{task}.py finetuned checkpoint (model_state_dict{epoch}); " \
                                     f"eval_{task}.py / predict_{task}.py --weights FILE use the whole model"
+    if container == "state_dict" and "pytorch-lightning_version" in top:
+        return "lightning", f"PyTorch Lightning checkpoint (Lightning {top['pytorch-lightning_version']}{epoch}; " \
+                            f"the LightningModule's state dict, the encoder under '{prefix}', e.g. CovidPrognosis's MoCo)"
     if container == "state_dict" and prefix.startswith("module.base_encoder."):
         return "mocov3", f"MoCo v3 main_moco.py checkpoint ('arch' {top.get('arch')!r}{epoch})"
     if container == "state_dict" and "encoder_q" in prefix:

@@ -471,3 +471,53 @@ def test_sscd_classy_file_loads_its_trunk(arch, bottleneck, blocks, tmp_path):
     d = describe_checkpoint(str(path))
     assert d["layout"] == "sscd-classy" and d["encoder"]["architecture"] == arch
 
+
+
+# --- #17 item 2: CovidPrognosis MoCo DenseNet-121 (PyTorch Lightning 1.0.8 checkpoints) ------------
+
+def _lightning_callback_class(monkeypatch):
+    """A class pickled as Lightning's ``ModelCheckpoint`` (``pytorch_lightning.callbacks.model_checkpoint``),
+    without needing Lightning: Lightning 1.0.8 keys the saved callback states by the callback class."""
+    import types
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    sys.modules[names[-1]].ModelCheckpoint = cls
+    return cls
+
+
+def test_covidprognosis_lightning_file_loads_its_query_encoder(tmp_path, monkeypatch):
+    """CovidPrognosis's MoCo pretraining (cp_examples/moco_pretrain: ``MoCoModule.model`` =
+    ``MoCo(encoder_q=densenet121(num_classes=128), encoder_k=...)``, Lightning 1.0.8's
+    ``dump_checkpoint``): ``epoch``, ``global_step``, ``pytorch-lightning_version``, ``callbacks``
+    keyed by the ModelCheckpoint class, ``optimizer_states``, ``lr_schedulers``, ``state_dict``
+    (``model.encoder_q.*``, ``model.encoder_k.*``, ``model.queue``, ``model.queue_ptr``) and
+    ``hyper_parameters``. gissl takes ``model.encoder_q`` (its sip_finetune.py does the same) and
+    drops the 128-d ``classifier``; inspect names the layout."""
+    from gissl.checkpoint import describe_checkpoint
+    torch.manual_seed(0)
+    query, key = torchvision.models.densenet121(num_classes=128).eval(), torchvision.models.densenet121(num_classes=128)
+    for p in key.parameters():
+        p.data.add_(1.0)
+    state = {f"model.encoder_q.{k}": v for k, v in query.state_dict().items()}
+    state.update({f"model.encoder_k.{k}": v for k, v in key.state_dict().items()})
+    state.update({"model.queue": torch.randn(128, 256), "model.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    sgd = torch.optim.SGD(query.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=200)
+    checkpoint_class = _lightning_callback_class(monkeypatch)
+    path = tmp_path / "mimic-chexpert_lr_0.1_bs_128_fd_128_qs_65536.pt"
+    torch.save({"epoch": 199, "global_step": 123400, "pytorch-lightning_version": "1.0.8",
+                "callbacks": {checkpoint_class: {"best_model_score": None, "best_model_path": "epoch=199.ckpt"}},
+                "optimizer_states": [sgd.state_dict()], "lr_schedulers": [cosine.state_dict()], "state_dict": state,
+                "hyper_parameters": {"arch": "densenet121", "feature_dim": 128, "queue_size": 65536,
+                                     "use_mlp": False, "learning_rate": 0.1, "momentum": 0.9,
+                                     "weight_decay": 1e-4, "epochs": 200}}, path)
+    monkeypatch.undo()  # the file reads without any Lightning module present
+    encoder = build_encoder("densenet121", "ImageNet_class", checkpoint=str(path)).eval()
+    query.classifier = nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), query(x), rtol=0, atol=1e-6)
+    d = describe_checkpoint(str(path))
+    assert d["layout"] == "lightning" and d["encoder"]["prefix"] == "model.encoder_q."

@@ -32,11 +32,28 @@ _AGAIN = "copy or download it again, or pass the path of the right file"
 # "weight_decay" from NumPy schedules (np.float64), pickled as numpy's ``scalar(dtype, bytes)``
 # (``numpy.core.multiarray.scalar`` when written with NumPy 1.x) and ``numpy.dtype``: a number
 # rebuilt from its bytes, no code; the dtype is rebuilt as its class (NumPy >= 1.25: numpy.dtypes.Float64DType, ...).
-_NUMPY_SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-_NUMPY_DTYPES = tuple(dict.fromkeys(type(np.dtype(c)) for c in ("f8", "f4", "f2", "i8", "i4", "b1")))
+# SSL4GIE's finetuned checkpoints store np.random.get_state() ('np_state'): a uint32 array,
+# pickled as ``_reconstruct(ndarray, shape, dtype)`` plus its raw bytes, again no code.
+_NUMPY_MODULE = np._core if hasattr(np, "_core") else np.core
+_NUMPY_SCALAR = _NUMPY_MODULE.multiarray.scalar
+_NUMPY_RECONSTRUCT = _NUMPY_MODULE.multiarray._reconstruct
+_NUMPY_DTYPES = tuple(dict.fromkeys(type(np.dtype(c)) for c in ("f8", "f4", "f2", "i8", "i4", "u4", "b1")))
+
+
+class LightningCallbackClass:
+    """Stands for a PyTorch Lightning callback class named in a checkpoint. Lightning 1.0-1.4 keyed
+    the saved callback states by the callback's class (``{ModelCheckpoint: {"best_model_path": ...}}``,
+    e.g. CovidPrognosis's MoCo checkpoints); unpickling that reference gives this inert class, used
+    only as a dict key: Lightning is neither needed nor imported, and nothing is instantiated."""
+
+
+_LIGHTNING_CALLBACKS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                        "pytorch_lightning.callbacks.early_stopping.EarlyStopping")
 SAFE_GLOBALS = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
-                pathlib.PureWindowsPath, np.dtype, *_NUMPY_DTYPES, _NUMPY_SCALAR,
-                (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"), (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"))
+                pathlib.PureWindowsPath, np.dtype, np.ndarray, *_NUMPY_DTYPES,
+                *[(f, f"numpy.{m}.multiarray.{f.__name__}") for f in (_NUMPY_SCALAR, _NUMPY_RECONSTRUCT)
+                  for m in ("core", "_core")],
+                *[(LightningCallbackClass, name) for name in _LIGHTNING_CALLBACKS])
 
 
 def load_file(path):
@@ -223,6 +240,14 @@ def _layout(obj, path, enc):
     epoch = f", epoch {top['epoch']}" if isinstance(top.get("epoch"), int) else ""
     if container == "teacher":
         return "dino", f"DINO main_dino.py training checkpoint (student/teacher{epoch})"
+    if container == "model_state_dict":
+        from gissl.models.ssl4gie_checkpoints import task_of
+        task = task_of(state) or "<task>"
+        return "ssl4gie-finetuned", f"SSL4GIE train_{task}.py finetuned checkpoint (model_state_dict{epoch}); " \
+                                    f"eval_{task}.py / predict_{task}.py --weights FILE use the whole model"
+    if container == "state_dict" and "pytorch-lightning_version" in top:
+        return "lightning", f"PyTorch Lightning checkpoint (Lightning {top['pytorch-lightning_version']}{epoch}; " \
+                            f"the LightningModule's state dict, the encoder under '{prefix}', e.g. CovidPrognosis's MoCo)"
     if container == "state_dict" and prefix.startswith("module.base_encoder."):
         return "mocov3", f"MoCo v3 main_moco.py checkpoint ('arch' {top.get('arch')!r}{epoch})"
     if container == "state_dict" and "encoder_q" in prefix:
@@ -241,6 +266,10 @@ def _layout(obj, path, enc):
             return "mae-pretrain", f"MAE main_pretrain.py checkpoint (encoder + decoder{epoch})"
         if prefix == "" and enc["family"] == "vit":
             return "mae-release", "{'model': ViT state dict} (MAE's released mae_pretrain_vit_*.pth layout)"
+    if container is None and prefix == "backbone." and "embeddings.1.weight" in state:
+        dims = state["embeddings.1.weight"].shape[0]
+        return "sscd-classy", f"SSCD Classy Vision weights (sscd Model 'CV_*': backbone.* in Classy Vision names, " \
+                              f"read as torchvision's; embeddings.1 the {dims}-d descriptor Linear after GeM)"
     if container is None and prefix == "backbone." and "backbone.fc.weight" in state:
         dims = state["backbone.fc.weight"].shape[0]
         return "sscd-torchvision", f"SSCD torchvision weights (sscd Model 'TV_*': backbone.* with a {dims}-d " \

@@ -311,12 +311,15 @@ def finetuned(args, flags=(), dataset=None, legacy=None, data_flags=DATA_FLAGS):
     settings a file from before that setting existed lacks. Returns ``(state, path)``."""
     from gissl.checkpoint import load_file
     from gissl.errors import CheckpointError
+    from gissl.models import ssl4gie_checkpoints
     path = Path(args.weights) if args.weights else output_dir(args) / (run_name(args, dataset) + ".pth")
     if not path.is_file():
         raise CheckpointError(
             f"no finetuned model at '{path}'; train it first with the same flags (train_{args.task}.py "
             "...), point --output-dir at the folder that holds it, or pass the file with --weights FILE")
     state = load_file(path)
+    if ssl4gie_checkpoints.is_ssl4gie(state):  # SSL4GIE's own train_<task>.py file: rename to gissl's
+        state = ssl4gie_checkpoints.convert(state, args.task, path)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"'{path}' is not a gissl finetuned checkpoint (no 'model' key); pass the "
                               f".pth file that train_{args.task}.py wrote")

@@ -1,6 +1,7 @@
 """Colonoscopy depth: the task logic behind ``train_/eval_/predict_depth.py``.
 
-Model: encoder + DPT decoder with an unbounded (``--depth-output linear``, default) or, as
+Model: encoder + DPT decoder (or, as the reference's ResNet rows, its residual decoder:
+``--decoder residual``, docs/ssl4gie-study.md §3.2) with an unbounded (``--depth-output linear``, default) or, as
 SSL4GIE, a sigmoid depth head (``gissl.models.dpt.DepthHead`` says why the sigmoid collapses),
 trained on targets in the reference's unit where 1.0 = 100 mm (C3VD stores 0-100 mm as
 0-65535; the reference divided by 65535). Loss: MiDaS scale-and-shift-invariant loss with multi-scale gradient matching,
@@ -47,9 +48,9 @@ LEGACY_SETTINGS = {"depth_output": "sigmoid"}
 
 
 def add_arguments(parser, stage):
-    """Depth flags: the DPT width and head for every stage, the loss weights for training and
+    """Depth flags: the decoder, its width and head for every stage, the loss weights for training and
     ``--alignment`` for evaluation."""
-    dense.add_arguments(parser, stage)
+    dense.add_arguments(parser, stage, "depth")
     parser.add_argument("--depth-output", dest="depth_output", default="linear", choices=DEPTH_OUTPUTS,
                         help="last layer of the depth head: linear (unbounded, as MiDaS; the aligned "
                              "depth is clamped to 0-100 mm afterwards) or sigmoid (SSL4GIE; can "
@@ -70,10 +71,11 @@ def add_arguments(parser, stage):
     return parser
 
 
-def build_model(encoder, *, decoder_channels, depth_output="linear"):
-    """``encoder`` + DPT with a depth head (``linear`` or SSL4GIE's ``sigmoid``):
-    (N, 3, S, S) -> (N, 1, S, S) relative depth."""
-    return dense.build_dpt(encoder, "depth", decoder_channels=decoder_channels, depth_output=depth_output)
+def build_model(encoder, *, decoder_channels, depth_output="linear", decoder="dpt"):
+    """``encoder`` + ``decoder`` (DPT, or SSL4GIE's residual decoder on a ResNet) with a depth
+    output (``linear`` or SSL4GIE's ``sigmoid``): (N, 3, S, S) -> (N, 1, S, S) relative depth."""
+    return dense.build_decoder(encoder, "depth", decoder=decoder, decoder_channels=decoder_channels,
+                               depth_output=depth_output)
 
 
 def compute_losses(model, batch, alpha=0.1, anchor_weight=ANCHOR_WEIGHT):

@@ -180,7 +180,8 @@ def load_projection_head(model, path):
     """Copy a descriptor file's own projection into ``model.head`` when it has one of the right
     shape: SSCD's ``*.torchvision.pt`` (``Model("TV_RESNET50", 512, 3.0)``: ``backbone.*`` with a
     ``backbone.fc`` Linear after GeM pooling), so that ``descriptor(use_head=True)`` is SSCD's
-    L2(fc(GeM(trunk))); EndoFinder's ``checkpoint-N.pth`` (``{"model": ...}`` with ``head``, the
+    L2(fc(GeM(trunk))), and its ``*.classy.pt`` (``Model("CV_RESNET50", ...)``: the same Linear as
+    ``embeddings.1``); EndoFinder's ``checkpoint-N.pth`` (``{"model": ...}`` with ``head``, the
     Linear 1024 -> 512 of its contrastive loss, on the CLS token). The encoder itself loads through
     ``--checkpoint`` as usual (the loader drops these heads). Returns the key prefix used, or
     ``None`` (nothing copied)."""
@@ -190,7 +191,7 @@ def load_projection_head(model, path):
         state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
     else:
         state = {}
-    for prefix in ("backbone.fc.", "module.backbone.fc.", "head."):
+    for prefix in ("backbone.fc.", "module.backbone.fc.", "embeddings.1.", "head."):
         weight, bias = state.get(prefix + "weight"), state.get(prefix + "bias")
         if torch.is_tensor(weight) and tuple(weight.shape) == tuple(model.head.weight.shape):
             with torch.no_grad():

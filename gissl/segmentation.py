@@ -1,7 +1,8 @@
 """Polyp segmentation: the task logic behind ``train_/eval_/predict_segmentation.py``.
 
-Model: encoder + DPT decoder with a one-logit segmentation head (docs/ssl4gie-study.md §3.5; the
-reference used DeepLabV3+ for ResNets, gissl uses DPT for both encoder families).
+Model: encoder + DPT decoder with a one-logit segmentation head (docs/ssl4gie-study.md §3.5) for
+both encoder families, or, as the reference's ResNet rows, ``--decoder deeplabv3plus``
+(docs/ssl4gie-study.md §3.6).
 Loss: SSL4GIE's soft Dice (docs/ssl4gie-study.md §4.2), optionally plus BCE. Evaluation
 (docs/ssl4gie-study.md §5.3): logits resized bilinearly to each image's original size, thresholded at
 0.5 after sigmoid, per-image Dice, IoU, precision, recall averaged over images, without the
@@ -28,8 +29,8 @@ PRED_COLOUR = (0, 200, 83)     # green overlay for the prediction
 
 
 def add_arguments(parser, stage):
-    """Segmentation flags: the DPT width, and ``--bce-weight`` for training."""
-    dense.add_arguments(parser, stage)
+    """Segmentation flags: the decoder and its width, and ``--bce-weight`` for training."""
+    dense.add_arguments(parser, stage, "segmentation")
     if stage == "train":
         parser.add_argument("--bce-weight", dest="bce_weight", type=float, default=0.0,
                             help="add this weight × binary cross-entropy to the soft Dice loss "
@@ -37,9 +38,10 @@ def add_arguments(parser, stage):
     return parser
 
 
-def build_model(encoder, *, decoder_channels):
-    """``encoder`` + DPT with a one-logit segmentation head: (N, 3, S, S) -> (N, 1, S, S) logits."""
-    return dense.build_dpt(encoder, "segmentation", decoder_channels=decoder_channels)
+def build_model(encoder, *, decoder_channels, decoder="dpt"):
+    """``encoder`` + ``decoder`` (DPT, or DeepLabV3+ on a ResNet) with one logit:
+    (N, 3, S, S) -> (N, 1, S, S) logits."""
+    return dense.build_decoder(encoder, "segmentation", decoder=decoder, decoder_channels=decoder_channels)
 
 
 def compute_losses(model, batch, bce_weight=0.0):

@@ -55,6 +55,51 @@ def test_vit_simple_pyramid_shapes_strides_and_windows():
     assert n_params < 10_000_000
 
 
+def test_densenet_fpn_is_torchvisions_fpn_over_its_four_stages():
+    """DenseNet-121 detection (#17): torchvision's FeaturePyramidNetwork + LastLevelMaxPool on the
+    tensors torchvision's densenet121 computes after denseblock1..3 and ReLU(norm5), frozen BN."""
+    import torchvision
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+    torch.manual_seed(0)
+    ref = torchvision.models.densenet121().eval()
+    encoder = build_encoder("densenet121")
+    encoder.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("classifier.")})
+    backbone = build_backbone(encoder, batchnorm="frozen").eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    fpn = FeaturePyramidNetwork([256, 512, 1024, 1024], 256, extra_blocks=LastLevelMaxPool()).eval()
+    fpn.load_state_dict(backbone.fpn.state_dict())
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        maps, h = [], x
+        for name, module in ref.features.named_children():
+            h = module(h)
+            if name in ("denseblock1", "denseblock2", "denseblock3"):
+                maps.append(h)
+        maps.append(torch.relu(h))
+        want = fpn(dict((str(i), m) for i, m in enumerate(maps)))
+        got = backbone(x)
+    assert list(got) == ["0", "1", "2", "3", "pool"] and backbone.out_channels == 256
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_patch14_vit_sees_the_canvas_at_its_16_px_token_grid():
+    """DINOv2 (patch 14, registers) detection (#17): the ViT gets the canvas scaled by 14/16, so the
+    pyramid's strides are exactly 4..64 of the canvas; CLS and register tokens are dropped."""
+    torch.manual_seed(0)
+    encoder = build_encoder("vit_s14_reg4_dinov2", img_size=112).eval()
+    backbone = build_backbone(encoder, window_size=4).eval()
+    x = torch.randn(1, 3, 128, 192)
+    with torch.no_grad():
+        out = backbone(x)
+        scaled = torch.nn.functional.interpolate(x, size=(112, 168), mode="bilinear", align_corners=False)
+        tokens = encoder.forward_tokens(scaled)[:, 5:]  # 1 CLS + 4 registers first
+        want = backbone.fpn(tokens.transpose(1, 2).reshape(1, -1, 8, 12))
+    for (name, fmap), stride in zip(out.items(), (4, 8, 16, 32, 64)):
+        assert fmap.shape == (1, 256, 128 // stride, 192 // stride), name
+        torch.testing.assert_close(fmap, want[name])
+
+
 def test_resnet50_detector_has_torchvision_parameter_names():
     ours = build_detector(build_encoder("resnet50"), batchnorm="train")
     reference = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2)
@@ -69,12 +114,12 @@ def _batch():
     return images, targets
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vit_t"])
+@pytest.mark.parametrize("arch", ["resnet18", "vit_t", "densenet121", "vit_s14_reg4_dinov2"])
 def test_train_step_returns_the_four_losses_and_reduces_their_sum(arch):
     torch.manual_seed(0)
     model = build_detector(build_encoder(arch), fixed_size=64, min_size=48, max_size=64, **SMALL)
     images, targets = _batch()
-    if arch == "vit_t":  # the ViT path expects the dataset's fixed square canvas
+    if arch.startswith("vit"):  # the ViT path expects the dataset's fixed square canvas
         images = [torch.nn.functional.pad(im, (0, 0, 8, 8)) for im in images]
         targets[0]["boxes"] = targets[0]["boxes"] + torch.tensor([0.0, 8.0, 0.0, 8.0])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -310,9 +310,13 @@ def test_dpt_runs_on_dinov2(arch):
         assert out.shape == (1, classes, 56, 84) and torch.isfinite(out).all()
 
 
-def test_detection_refuses_patch_14():
-    with pytest.raises(UserError, match="detection needs a patch-16 ViT.*vit_s14_dinov2 has patch 14"):
-        build_detector(build_encoder("vit_s14_dinov2"))
+def test_detection_runs_on_patch_14():
+    model = build_detector(build_encoder("vit_s14_dinov2"), fixed_size=128).eval()
+    with torch.no_grad():
+        features = model.backbone(torch.randn(1, 3, 128, 128))
+        out = model([torch.rand(3, 128, 128)])
+    assert [f.shape[-1] for f in features.values()] == [32, 16, 8, 4, 2]  # strides 4..64 of the canvas
+    assert set(out[0]) == {"boxes", "scores", "labels"}
 
 
 def test_register_models_are_refused_where_tokens_are_built_by_hand():

@@ -372,3 +372,152 @@ def test_moco_cxr_file_loads_its_query_encoder(arch, mlp, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), query(x), rtol=0, atol=1e-6)
+
+
+# --- #17 item 2: SSCD *.classy.pt (Classy Vision ResNet names) -------------------------------------
+
+class _ClassyBlock(nn.Module):  # classy_vision.models.classy_block.ClassyBlock: the layer as `_module`
+    def __init__(self, module):
+        super().__init__()
+        self._module = module
+
+    def forward(self, x):
+        return self._module(x)
+
+
+class _ClassyLayer(nn.Module):  # classy_vision resnext.py GenericLayer with a Basic/BottleneckLayer block
+    def __init__(self, in_planes, out_planes, stride, bottleneck):
+        super().__init__()
+        mid = out_planes // 4 if bottleneck else out_planes
+
+        def conv(i, o, k, s=1):
+            return nn.Conv2d(i, o, k, stride=s, padding=k // 2, bias=False)
+        if bottleneck:
+            self.convolutional_block = nn.Sequential(
+                conv(in_planes, mid, 1), nn.BatchNorm2d(mid), nn.ReLU(inplace=True), conv(mid, mid, 3, stride),
+                nn.BatchNorm2d(mid), nn.ReLU(inplace=True), conv(mid, out_planes, 1))
+        else:
+            self.convolutional_block = nn.Sequential(
+                conv(in_planes, out_planes, 3, stride), nn.BatchNorm2d(out_planes), nn.ReLU(inplace=True),
+                conv(out_planes, out_planes, 3))
+        self.bn = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_planes != out_planes:
+            self.downsample = nn.Sequential(conv(in_planes, out_planes, 1, stride), nn.BatchNorm2d(out_planes))
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.bn(self.convolutional_block(x))
+        out += residual
+        return self.relu(out)
+
+
+class _SSCDClassyModel(nn.Module):
+    """SSCD's ``Model("CV_RESNET18" | "CV_RESNET50", dims, 3.0)``: Classy Vision's ResNeXt trunk
+    (``initial_block._module``, ``blocks.{stage}.{i}._module``) as ``backbone``, then
+    ``embeddings`` = GeM(p) -> Linear -> L2 norm."""
+
+    def __init__(self, bottleneck, num_blocks, dims, p=3.0):
+        super().__init__()
+        backbone = nn.Module()
+        backbone.initial_block = _ClassyBlock(nn.Sequential(
+            nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1)))
+        reduction = 4 if bottleneck else 1
+        out_planes = [64 * 2 ** i * reduction for i in range(4)]
+        in_planes = [64] + out_planes[:-1]
+        backbone.blocks = nn.Sequential(*[nn.Sequential(*[
+            _ClassyBlock(_ClassyLayer(in_planes[s] if i == 0 else out_planes[s], out_planes[s],
+                                      (1 if s == 0 else 2) if i == 0 else 1, bottleneck))
+            for i in range(n)]) for s, n in enumerate(num_blocks)])
+        self.backbone = backbone
+        self.p = p
+        self.embeddings = nn.Sequential(nn.Identity(), nn.Linear(out_planes[-1], dims))  # [0] is GeM
+
+    def trunk(self, x):
+        return self.backbone.blocks(self.backbone.initial_block(x))
+
+    def forward(self, x):
+        x = self.trunk(x)
+        gem = x.reshape(*x.shape[:2], -1).clamp(min=1e-6).pow(self.p).mean(dim=2).pow(1.0 / self.p)
+        return nn.functional.normalize(self.embeddings[1](gem))
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch, bottleneck, blocks", [("resnet18", False, [2, 2, 2, 2]),
+                                                      ("resnet50", True, [3, 4, 6, 3])])
+def test_sscd_classy_file_loads_its_trunk(arch, bottleneck, blocks, tmp_path):
+    """SSCD's sscd_disc_mixup.classy.pt: a flat ``Model("CV_RESNET50", 512, 3.0).state_dict()``
+    (Classy Vision names under ``backbone.``, the descriptor Linear as ``embeddings.1``) loads into
+    torchvision-named ResNets with the same trunk features; inspect names the layout."""
+    from gissl.checkpoint import describe_checkpoint
+    torch.manual_seed(0)
+    ref = _randomise_bn(_SSCDClassyModel(bottleneck, blocks, 32))
+    path = tmp_path / "sscd_disc_mixup.classy.pt"
+    torch.save(ref.state_dict(), path)
+    encoder = build_encoder(arch, "ImageNet_class", checkpoint=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.forward_features(x)[-1], ref.trunk(x), rtol=1e-5, atol=1e-5)
+    d = describe_checkpoint(str(path))
+    assert d["layout"] == "sscd-classy" and d["encoder"]["architecture"] == arch
+
+
+
+# --- #17 item 2: CovidPrognosis MoCo DenseNet-121 (PyTorch Lightning 1.0.8 checkpoints) ------------
+
+def _lightning_callback_class(monkeypatch):
+    """A class pickled as Lightning's ``ModelCheckpoint`` (``pytorch_lightning.callbacks.model_checkpoint``),
+    without needing Lightning: Lightning 1.0.8 keys the saved callback states by the callback class."""
+    import types
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    sys.modules[names[-1]].ModelCheckpoint = cls
+    return cls
+
+
+def test_covidprognosis_lightning_file_loads_its_query_encoder(tmp_path, monkeypatch):
+    """CovidPrognosis's MoCo pretraining (cp_examples/moco_pretrain: ``MoCoModule.model`` =
+    ``MoCo(encoder_q=densenet121(num_classes=128), encoder_k=...)``, Lightning 1.0.8's
+    ``dump_checkpoint``): ``epoch``, ``global_step``, ``pytorch-lightning_version``, ``callbacks``
+    keyed by the ModelCheckpoint class, ``optimizer_states``, ``lr_schedulers``, ``state_dict``
+    (``model.encoder_q.*``, ``model.encoder_k.*``, ``model.queue``, ``model.queue_ptr``) and
+    ``hyper_parameters``. gissl takes ``model.encoder_q`` (its sip_finetune.py does the same) and
+    drops the 128-d ``classifier``; inspect names the layout."""
+    from gissl.checkpoint import describe_checkpoint
+    torch.manual_seed(0)
+    query, key = torchvision.models.densenet121(num_classes=128).eval(), torchvision.models.densenet121(num_classes=128)
+    for p in key.parameters():
+        p.data.add_(1.0)
+    state = {f"model.encoder_q.{k}": v for k, v in query.state_dict().items()}
+    state.update({f"model.encoder_k.{k}": v for k, v in key.state_dict().items()})
+    state.update({"model.queue": torch.randn(128, 256), "model.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    sgd = torch.optim.SGD(query.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=200)
+    checkpoint_class = _lightning_callback_class(monkeypatch)
+    path = tmp_path / "mimic-chexpert_lr_0.1_bs_128_fd_128_qs_65536.pt"
+    torch.save({"epoch": 199, "global_step": 123400, "pytorch-lightning_version": "1.0.8",
+                "callbacks": {checkpoint_class: {"best_model_score": None, "best_model_path": "epoch=199.ckpt"}},
+                "optimizer_states": [sgd.state_dict()], "lr_schedulers": [cosine.state_dict()], "state_dict": state,
+                "hyper_parameters": {"arch": "densenet121", "feature_dim": 128, "queue_size": 65536,
+                                     "use_mlp": False, "learning_rate": 0.1, "momentum": 0.9,
+                                     "weight_decay": 1e-4, "epochs": 200}}, path)
+    monkeypatch.undo()  # the file reads without any Lightning module present
+    encoder = build_encoder("densenet121", "ImageNet_class", checkpoint=str(path)).eval()
+    query.classifier = nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), query(x), rtol=0, atol=1e-6)
+    d = describe_checkpoint(str(path))
+    assert d["layout"] == "lightning" and d["encoder"]["prefix"] == "model.encoder_q."

@@ -322,24 +322,34 @@ def test_torchscript_descriptor_model_is_used_as_it_is(tmp_path, monkeypatch, ca
         R.ScriptedDescriptor(tmp_path / "eval_results.txt")
 
 
-def test_sscd_torchvision_file_gives_sscd_descriptor(tmp_path):
+@pytest.mark.parametrize("layout", ["torchvision", "classy"])
+def test_sscd_torchvision_file_gives_sscd_descriptor(tmp_path, layout):
     """#17: SSCD's ``*.torchvision.pt`` (``Model("TV_RESNET18", 32, 3.0).state_dict()``: ``backbone.*``,
     the torchvision trunk with ``fc`` = Linear(512, dims) after GeM p = 3) gives SSCD's descriptor,
-    L2(fc(GeM(trunk))), re-derived here from SSCD's definition (GeM: clamp 1e-6, power 3, mean, 1/3)."""
+    L2(fc(GeM(trunk))), re-derived here from SSCD's definition (GeM: clamp 1e-6, power 3, mean, 1/3);
+    so does its ``*.classy.pt`` (``Model("CV_RESNET18", 32, 3.0)``: Classy Vision names, the Linear
+    as ``embeddings.1``; its model rebuilt in test_official_checkpoints.py)."""
     import eval_retrieval
     import torchvision
     from gissl import retrieval as R
     from gissl.retrieval_data import ImageListDataset, synthetic_twin_root, twin_set
     torch.manual_seed(0)
-    trunk = torchvision.models.resnet18(num_classes=32).eval()
-    path = tmp_path / "sscd_disc_mixup.torchvision.pt"
-    torch.save({f"backbone.{k}": v for k, v in trunk.state_dict().items()}, path)
     paths = twin_set(synthetic_twin_root())["queries"][:3]
     images = torch.stack([ImageListDataset(paths, 32)[i]["image"] for i in range(3)])
-    with torch.no_grad():
-        x = torch.nn.Sequential(*list(trunk.children())[:-2])(images)
-        gem = x.reshape(*x.shape[:2], -1).clamp(min=1e-6).pow(3.0).mean(dim=2).pow(1 / 3.0)
-        want = torch.nn.functional.normalize(trunk.fc(gem), dim=1).numpy()
+    path = tmp_path / f"sscd_disc_mixup.{layout}.pt"
+    if layout == "classy":
+        from test_official_checkpoints import _randomise_bn, _SSCDClassyModel
+        ref = _randomise_bn(_SSCDClassyModel(False, [2, 2, 2, 2], 32))
+        torch.save(ref.state_dict(), path)
+        with torch.no_grad():
+            want = ref(images).numpy()
+    else:
+        trunk = torchvision.models.resnet18(num_classes=32).eval()
+        torch.save({f"backbone.{k}": v for k, v in trunk.state_dict().items()}, path)
+        with torch.no_grad():
+            x = torch.nn.Sequential(*list(trunk.children())[:-2])(images)
+            gem = x.reshape(*x.shape[:2], -1).clamp(min=1e-6).pow(3.0).mean(dim=2).pow(1 / 3.0)
+            want = torch.nn.functional.normalize(trunk.fc(gem), dim=1).numpy()
     args = eval_retrieval.get_args(["--untrained", "--pretraining", "ImageNet_class", "--checkpoint", str(path),
                                     "--architecture", "resnet18", "--embedding-dim", "32", "--image-size", "32",
                                     "--use-head", "--device", "cpu", "--no-amp"])

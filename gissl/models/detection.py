@@ -6,8 +6,8 @@ anchors 32..512 one size per level × ratios 0.5/1/2, RPN top-n 2000/1000, NMS 0
 on levels 0-3, TwoMLPHead 1024, 100 detections/image, box NMS 0.5), ``BackboneWithFPN`` for
 ResNets and ``MultiScaleRoIAlign``/``AnchorGenerator`` through those defaults.
 
-- ResNet (``resnet18``/``resnet50``): the encoder's four stages → torchvision's FPN (256
-  channels, extra max-pooled level). BatchNorm either trains (``batchnorm="train"``) or is
+- ResNet (``resnet18``/``resnet50``) and DenseNet-121: the encoder's four stages → torchvision's
+  FPN (256 channels, extra max-pooled level). BatchNorm either trains (``batchnorm="train"``) or is
   replaced by ``FrozenBatchNorm2d`` (``"frozen"``, what torchvision does for pretrained
   backbones and what the reference did even for random init, docs/ssl4gie-study.md §8 item 19).
 - ViT (``vit_t``/``vit_s``/``vit_b``): ViTDet's simple feature pyramid (Li et al., "Exploring
@@ -17,7 +17,9 @@ ResNets and ``MultiScaleRoIAlign``/``AnchorGenerator`` through those defaults.
   max-pooled level. The reference's LayerNorms span (C, H, W) (~114 M parameters for ViT-B,
   only valid at 1024 px, docs/ssl4gie-study.md §8 item 18); per-channel ones work at any size. Windowed attention
   (16×16 tokens, docs/ssl4gie-study.md §3.4) in every block except the tapped ones (2/5/8/11) via the encoder's
-  ``set_window_attention``; the position embedding is interpolated by the encoder. Images are
+  ``set_window_attention``; the position embedding is interpolated by the encoder. Patch-14
+  ViTs (DINOv2) see the canvas scaled by 14/16, so that their token grid is still the canvas's
+  16-px grid. Images are
   zero-padded by the dataset to a fixed square (reference 1024) and the model transform keeps
   that size (``fixed_size``).
 """
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gissl.errors import UserError
@@ -36,6 +38,7 @@ from gissl.errors import UserError
 FPN_CHANNELS = 256  # docs/ssl4gie-study.md §3.4: out_channels 256 for both backbones
 WINDOW_SIZE = 16  # tokens per window side (docs/ssl4gie-study.md §3.4: 16×16 windows)
 FIXED_SIZE = 1024  # the reference's padded canvas for ViT detectors (docs/ssl4gie-study.md §2.3)
+TOKEN_STRIDE = 16  # canvas pixels per token of the map the simple pyramid resamples
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # normalisation happens inside the torchvision transform
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -54,6 +57,13 @@ def freeze_batchnorm(module):
     return module
 
 
+def _apply_batchnorm(encoder, batchnorm):
+    """``batchnorm="frozen"``: ``encoder``'s BatchNorms become ``FrozenBatchNorm2d`` (in place); "train": kept."""
+    if batchnorm not in ("train", "frozen"):
+        raise UserError(f"batchnorm must be 'train' or 'frozen', got {batchnorm!r}")
+    return freeze_batchnorm(encoder) if batchnorm == "frozen" else encoder
+
+
 def resnet_fpn_backbone(encoder, *, batchnorm="train"):
     """torchvision ``BackboneWithFPN`` over a gissl ResNet encoder's layer1..layer4.
 
@@ -61,10 +71,7 @@ def resnet_fpn_backbone(encoder, *, batchnorm="train"):
     ``"pool"`` (N, 256, H/64, W/64); ``backbone.body`` holds the encoder's modules under their
     torchvision names (``conv1``, ``layer1``, ...).
     """
-    if batchnorm not in ("train", "frozen"):
-        raise UserError(f"batchnorm must be 'train' or 'frozen', got {batchnorm!r}")
-    if batchnorm == "frozen":
-        freeze_batchnorm(encoder)
+    _apply_batchnorm(encoder, batchnorm)
     return BackboneWithFPN(
         encoder, return_layers={f"layer{i + 1}": str(i) for i in range(4)},
         in_channels_list=list(encoder.feature_dims), out_channels=FPN_CHANNELS,
@@ -110,12 +117,6 @@ class ViTDetBackbone(nn.Module):
 
     def __init__(self, encoder, *, window_size=WINDOW_SIZE):
         super().__init__()
-        if encoder.patch_size != 16:
-            # the pyramid's x4 / x2 / x1 / x1/2 resampling of a 14-px grid gives strides 3.5 ... 56,
-            # which the anchor generator (integer strides of the canvas) cannot place exactly
-            raise UserError(f"detection needs a patch-16 ViT (its simple feature pyramid makes strides 4..64 "
-                            f"from the stride-16 token grid); {encoder.architecture} has patch {encoder.patch_size}. "
-                            "Use --architecture vit_t / vit_s / vit_b / vit_l or a ResNet")
         self.body = encoder
         # global attention stays in the tapped blocks 2/5/8/11 (blocks=None), windows elsewhere
         encoder.set_window_attention(window_size, blocks=None)
@@ -123,21 +124,44 @@ class ViTDetBackbone(nn.Module):
         self.out_channels = FPN_CHANNELS
 
     def forward(self, x):
+        h, w = x.shape[-2] // TOKEN_STRIDE, x.shape[-1] // TOKEN_STRIDE
         p = self.body.patch_size
-        tokens = self.body.forward_tokens(x)  # (N, 1 + h*w, D) after the final LayerNorm
-        h, w = x.shape[-2] // p, x.shape[-1] // p
-        grid = tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)  # CLS dropped
+        if p != TOKEN_STRIDE:
+            # a patch-14 ViT (DINOv2) sees the canvas scaled by 14/16, so that its token grid is the
+            # canvas's 16-px grid and the pyramid's strides 4..64 stay exact canvas strides (the
+            # anchor generator and RoIAlign need them); bilinear without antialias, which ONNX exports
+            x = F.interpolate(x, size=(h * p, w * p), mode="bilinear", align_corners=False)
+        tokens = self.body.forward_tokens(x)  # (N, prefix + h*w, D) after the final LayerNorm
+        # CLS (and register) tokens dropped
+        grid = tokens[:, self.body.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return self.fpn(grid)
 
 
+class FeaturesWithFPN(nn.Module):
+    """torchvision's FPN over any encoder's four ``forward_features`` maps (strides 4..32), e.g.
+    DenseNet-121's: ``forward(x (N, 3, H, W))`` -> OrderedDict ``"0".."3"`` (N, 256, H/4..H/32, ...)
+    and ``"pool"`` (H/64). Named as ``BackboneWithFPN`` (``body`` = the encoder, ``fpn``)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.body = encoder
+        self.fpn = FeaturePyramidNetwork(list(encoder.feature_dims), FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
+        self.out_channels = FPN_CHANNELS
+
+    def forward(self, x):
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body.forward_features(x))))
+
+
 def build_backbone(encoder, *, batchnorm="train", window_size=WINDOW_SIZE):
-    """The detection backbone for a gissl encoder (ResNet -> FPN, ViT -> simple pyramid)."""
+    """The detection backbone for a gissl encoder (ResNet, DenseNet -> FPN, ViT -> simple pyramid)."""
     if hasattr(encoder, "blocks"):
         return ViTDetBackbone(encoder, window_size=window_size)
     if hasattr(encoder, "layer4"):
         return resnet_fpn_backbone(encoder, batchnorm=batchnorm)
+    if list(getattr(encoder, "feature_strides", [])) == [4, 8, 16, 32]:
+        return FeaturesWithFPN(_apply_batchnorm(encoder, batchnorm))
     raise UserError(f"no detection backbone for encoder {type(encoder).__name__}; "
-                    "use a ResNet or ViT from gissl.models.build_encoder")
+                    "use a ResNet, DenseNet or ViT from gissl.models.build_encoder")
 
 
 def build_detector(encoder, *, num_classes=2, batchnorm="train", window_size=WINDOW_SIZE,

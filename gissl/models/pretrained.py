@@ -35,8 +35,9 @@ from gissl.checkpoint import load_file
 from gissl.errors import CheckpointError
 from gissl.models.vit import resample_pos_embed
 
-# Keys under which trainers store the weights: MoCo v3 "state_dict", MAE and gissl "model".
-_CONTAINER_KEYS = ("state_dict", "model")
+# Keys under which trainers store the weights: MoCo v3 "state_dict", MAE and gissl "model",
+# SSL4GIE's finetuned checkpoints "model_state_dict".
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
 # Parts of SSL / supervised models that are not the encoder: ResNet fc (MoCo v3 projector,
 # ImageNet classifier), ViT head (MoCo v3 projector, timm classifier), fc_norm (timm pooled
 # head norm), MAE's mask token and decoder.
@@ -44,13 +45,18 @@ _CONTAINER_KEYS = ("state_dict", "model")
 # classifier), MAE's decoder, and SwAV / DeepCluster-v2 / SeLa-v2's projection_head and
 # prototypes (a Linear, or MultiPrototypes' prototypes0, prototypes1, ...), and EndoFinder's
 # fixed mask-patch summer target_embed (a frozen all-ones conv over the polyp mask).
+# SSL4GIE's finetuned models add lin_head (classifier), decoder / decoder_levels / output_conv (DPT and
+# its residual depth decoder) beside an encoder at the top level.
 _DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.", "projection_head.", "prototypes",
-                     "target_embed.")
+                     "target_embed.", "lin_head.", "decoder.", "output_conv.")
 # torchvision's released DenseNet files keep the names of its first DenseNet code
 # ("denselayer1.norm.1.weight" for today's "denselayer1.norm1.weight"); torchvision renames them
 # on load with this pattern, and so does gissl.
 _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _DROPPED_KEYS = ("mask_token",)
+# Classy Vision's ResNet names (SSCD's *.classy.pt): the stem and the ClassyBlock-wrapped blocks
+_CLASSY_NAME = re.compile(r"^(.*?)(?:initial_block\._module\.([01])\.|blocks\.(\d+)\.(\d+)\._module\."
+                          r"(convolutional_block\.\d+\.|bn\.|downsample\.\d+\.))(.*)$")
 # DINO / DINOv2 training files: the copy to load unless asked otherwise (DINO's eval_linear.py /
 # eval_knn.py default ``--checkpoint_key teacher``; DINOv2 evaluates its teacher too).
 DINO_CHECKPOINT_KEY = "teacher"
@@ -186,6 +192,36 @@ def inspect_encoder(obj, path, architecture=None, ss_framework=None):
             "dropped": _groups(plan["dropped"], 1),
             "outside": _groups([k for k in state if not k.startswith(prefix)], prefix.count(".")),
             "fit": fit, "refused": refused}
+
+
+def classy_to_torchvision(state):
+    """Classy Vision ResNet names (SSCD's ``*.classy.pt``: ``Model("CV_RESNET50", ...)``, Classy
+    Vision's ``ResNeXt`` with each block wrapped in a ``ClassyBlock``'s ``_module``) -> torchvision's:
+    ``initial_block._module.{0,1}`` -> ``conv1`` / ``bn1``; ``blocks.{s}.{b}._module.convolutional_block.{i}``
+    -> ``layer{s+1}.{b}.conv1 / bn1 / conv2 / bn2 / conv3`` and its final ``bn`` -> ``bn3`` (``bn2``
+    for basic blocks); ``downsample`` keeps its name. The layers compute the same functions
+    (stride on the 3×3 conv, as torchvision's ResNet v1.5). Other keys are kept."""
+    bottleneck = any(re.search(r"\._module\.convolutional_block\.6\.", k) for k in state)
+    inner = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3"}
+    last_bn = "bn3" if bottleneck else "bn2"
+    out = {}
+    for key, value in state.items():
+        m = _CLASSY_NAME.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, stem, stage, block, part, rest = m.groups()
+        if stem is not None:
+            new = {"0": "conv1", "1": "bn1"}[stem] + "."
+        else:
+            layer = f"layer{int(stage) + 1}.{block}."
+            if part.startswith("convolutional_block."):
+                part = inner.get(part.split(".")[1], part) + "."
+            elif part == "bn.":
+                part = last_bn + "."
+            new = layer + part
+        out[prefix + new + rest] = value
+    return out
 
 
 def _dinov2_to_timm(weights, fold_cls_position):
@@ -350,7 +386,7 @@ def _find_state_dict(obj, path, checkpoint_key=None):
         return obj[key]
     for _ in range(3):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
+            return classy_to_torchvision(obj) if any(map(_CLASSY_NAME.match, obj)) else obj
         inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
         if inner is None:
             break

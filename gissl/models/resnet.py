@@ -7,6 +7,8 @@ trunk keys, which is what SSL checkpoints hold (docs/ssl4gie-study.md §3.2/§3.
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from gissl.errors import UserError
+
 
 class ResNetEncoder(ResNet):
     """torchvision ResNet trunk. ``forward``: (N, 3, H, W) -> (N, C) global-average-pooled layer4.
@@ -22,6 +24,26 @@ class ResNetEncoder(ResNet):
         self.feature_dims = [64 * block.expansion * 2 ** i for i in range(4)]
         self.feature_strides = [4, 8, 16, 32]
         self.embed_dim = self.feature_dims[-1]
+
+    def set_output_stride(self, output_stride):
+        """Replace the last stages' strides by dilation, as DeepLab (Chen et al. 2018) and
+        segmentation_models_pytorch do: output stride 16 dilates every conv of ``layer4`` by 2,
+        output stride 8 also ``layer3`` by 2 and ``layer4`` by 4. Unlike torchvision's
+        ``replace_stride_with_dilation``, which keeps the first block of a stage at the previous
+        dilation, every conv of a dilated stage gets the stage's rate (so an smp DeepLabV3+
+        state dict gives the same features). No parameter changes shape. Returns ``self``."""
+        if output_stride not in (8, 16, 32):
+            raise UserError(f"output stride {output_stride} is not supported; use 8, 16 or 32")
+        strides = [4, 8, 16, 32]
+        for i, layer in ((2, self.layer3), (3, self.layer4)):
+            rate = max(1, strides[i] // output_stride)
+            if rate > 1:
+                for conv in (m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)):
+                    conv.stride = (1, 1)
+                    conv.dilation = (rate, rate)
+                    conv.padding = tuple(k // 2 * rate for k in conv.kernel_size)
+        self.feature_strides = [min(s, output_stride) for s in strides]
+        return self
 
     def forward_features(self, x):
         """(N, 3, H, W) -> list of 4 maps (N, C_i, H/s_i, W/s_i)."""

@@ -40,20 +40,21 @@ def main(args):
               + ", ".join(f"{c}={w:.3g}" for c, w in zip(classes, weights.tolist())), flush=True)
     validate = cls.make_validate(cli.eval_loader(args, ds["val"], device), device, not args.no_amp, args.val_metric)
 
-    def finetune(learning_rate=None, weight_decay=None, run=None):
+    def finetune(lr=None, wd=None, folder=None, name=None):
+        """One training run; ``lr``/``wd`` (a search point, or the refit) replace the flags'."""
         cli.seed_everything(args.seed)  # every search point and the refit start from the same weights
         model = cls.build_model(cli.encoder(args, img_size=args.image_size), num_classes=len(classes)).to(device)
+        changes = {"learning_rate": lr, "weight_decay": wd} if lr is not None else {}
         result = cli.train(args, model, ds["train"], cls.make_compute_losses(weights), device=device,
                            validate=validate, metric_mode="max", metric_name=args.val_metric, frozen=[model.encoder],
-                           learning_rate=learning_rate, weight_decay=weight_decay, run=run)
+                           learning_rate=lr, weight_decay=wd, run=cli.run_files(args, folder, name, **changes))
         return model, result
 
     search = None
     if args.search:
         search = GridSearch(cli.output_dir(args), cli.run_name(args), cli.search_grid(args), cli.settings(args),
                             resume_anyway=args.resume_anyway)
-        search.run(lambda point, folder, name: finetune(point["lr"], point["wd"], cli.run_files(
-            args, folder, name, learning_rate=point["lr"], weight_decay=point["wd"]))[1])
+        search.run(lambda point, folder, name: finetune(point["lr"], point["wd"], folder, name)[1])
         best = search.best()
         if dist.is_main_process():
             print(f"search ({args.val_metric} on the validation split):\n{search.table(args.val_metric)}\n"

@@ -34,9 +34,12 @@ def main(args):
     ds, classes = cls.build_datasets(args.dataset, cli.data_root(args), image_size=args.image_size,
                                      split=args.split, seed=42, skip_bad=args.skip_bad_files, augment=args.augment)
     weights = cls.class_weights(ds["train"].labels, len(classes))
+    if args.class_weights == "none":
+        weights = weights.new_ones(len(classes))
     if dist.is_main_process():
         print(f"{args.dataset}: {len(ds['train'])} train / {len(ds['val'])} val / {len(ds['test'])} test "
-              f"images, {len(classes)} classes; class weights (train split) "
+              f"images, {len(classes)} classes; class weights "
+              f"({'train split' if args.class_weights == 'train' else 'none: plain cross-entropy'}) "
               + ", ".join(f"{c}={w:.3g}" for c, w in zip(classes, weights.tolist())), flush=True)
     validate = cls.make_validate(cli.eval_loader(args, ds["val"], device), device, not args.no_amp, args.val_metric)
 

@@ -25,7 +25,8 @@ VAL_METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
 # line. transfer-finetune: the SSL-transfer study's finetune.py (docs/transfer-study.md §b.6).
 RECIPES = {"transfer-finetune": dict(optimizer="sgd-nesterov", learning_rate=1e-2, weight_decay=1e-8, batch_size=64,
                                      steps=5000, eval_every_steps=200, early_stopping_patience=3,
-                                     learning_rate_scheduler_minimum=0.0, augment="transfer", val_metric="accuracy")}
+                                     learning_rate_scheduler_minimum=0.0, augment="transfer", val_metric="accuracy",
+                                     class_weights="none")}
 
 
 class Classifier(torch.nn.Module):
@@ -308,6 +309,9 @@ def _protocol_flags(parser):
     g.add_argument("--augment", default="ssl4gie", choices=["ssl4gie", "transfer"],
                    help="training augmentation: ssl4gie = colour jitter, blur, flips, rotation; transfer = "
                         "RandomResizedCrop (scale 0.08-1) + horizontal flip")
+    g.add_argument("--class-weights", dest="class_weights", default="train", choices=["train", "none"],
+                   help="cross-entropy class weights: train = N / (C * N_c) from the training split (SSL4GIE's "
+                        "formula); none = plain cross-entropy (the transfer study's)")
     g.add_argument("--val-metric", dest="val_metric", default="macro_f1", choices=list(VAL_METRICS),
                    help="validation score that selects the best checkpoint (and the search point)")
     g.add_argument("--steps", type=int, default=None, metavar="N",

@@ -254,9 +254,10 @@ def _backward(model, batch, compute_losses, device, opts, scaler, sync, group_le
     return losses, total
 
 
-def _progress_bar(opts, epoch, total, done):
+def _progress_bar(opts, epoch, total, done, global_step=0):
     if opts.show_progress and tqdm is not None and dist.is_main_process():
-        return tqdm(total=total, initial=done, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        desc = f"epoch {epoch}" + (f", step {global_step}/{opts.max_steps}" if opts.max_steps else "")
+        return tqdm(total=total, initial=done, desc=desc, leave=False, dynamic_ncols=True)
     return None
 
 
@@ -290,7 +291,8 @@ def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, 
     done = resume["batches_done"] if resume else 0
     n_batches, accum = done + len(loader), opts.accum_iter
     sums = {k: torch.tensor(v, device=device) for k, v in (resume or {}).get("sums", {}).items()}
-    count, group_bad, bar = (resume["count"] if resume else 0), False, _progress_bar(opts, epoch, n_batches, done)
+    count, group_bad = (resume["count"] if resume else 0), False
+    bar = _progress_bar(opts, epoch, n_batches, done, global_step)
     optimizer.zero_grad(set_to_none=True)
     try:  # close the bar on errors too, so the error message starts on its own line
         for j, batch in enumerate(loader, start=done):

@@ -100,7 +100,8 @@ RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite",
 WARN_ONLY_CHANGES = {"seed", "learning_rate", "learning_rate_scheduler", "learning_rate_scheduler_minimum",
                      "cosine", "warmup_epochs", "accum_iter", "batch_size", "clip_grad", "weight_decay",
                      "no_amp", "log_every", "steps", "eval_every_steps", "early_stopping_patience", "recipe",
-                     "optimizer", "augment", "val_metric", "search_lrs", "search_wds", "search_wd_scale"}
+                     "optimizer", "augment", "val_metric", "search_lrs", "search_wds", "search_wd_scale",
+                     "class_weights"}
 
 
 def _changed(saved, current, keys):
@@ -177,12 +178,9 @@ class GridSearch:
     def best(self, mode="max"):
         """The recorded row with the best ``best_metric``; the first in grid order on a tie."""
         rows = [self.rows[self.point_name(p)] for p in self.grid]
-        best = rows[0]
-        for row in rows[1:]:
-            if row["best_metric"] is not None and (best["best_metric"] is None or (
-                    row["best_metric"] > best["best_metric"] if mode == "max" else row["best_metric"] < best["best_metric"])):
-                best = row
-        return best
+        scored = [r for r in rows if r["best_metric"] is not None] or rows
+        sign = 1.0 if mode == "max" else -1.0
+        return max(scored, key=lambda r: sign * r["best_metric"] if r["best_metric"] is not None else 0.0)
 
     def table(self, metric_name="val"):
         """The summary: one line per point (its values, best validation score, the step of that

@@ -192,6 +192,7 @@ def test_recipe_sets_the_study_protocol_and_flags_override_it():
     args = script.get_args(["--recipe", "transfer-finetune", "--steps", "300"])
     assert (args.optimizer, args.learning_rate, args.weight_decay, args.batch_size) == ("sgd-nesterov", 1e-2, 1e-8, 64)
     assert (args.steps, args.eval_every_steps, args.early_stopping_patience, args.augment) == (300, 200, 3, "transfer")
+    assert (args.class_weights, args.val_metric, args.learning_rate_scheduler_minimum) == ("none", "accuracy", 0.0)
     # the study's grid (finetune.py, --grid-size 2), transcribed: float32 there, hence rel=1e-6
     lr = torch.logspace(-4, -1, 2).flip(dims=(0,))
     wd = torch.cat([torch.zeros(1), torch.logspace(-6, -3, 2)])

@@ -6,6 +6,10 @@ Engine tests use a toy model; the script tests run ``train_classification.py``'s
 this process (vit_t, 32 px, the built-in synthetic HyperKvasir, CPU, a few steps).
 """
 import math
+import os
+import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +24,7 @@ from gissl.runfiles import RunFiles
 import train_classification as script
 
 NAME = "vit_t-random_init-frozen_False-dataset_Hyperkvasir_anatomical"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Toy(nn.Module):
@@ -231,26 +236,48 @@ def test_search_picks_the_best_val_point_and_scores_test_once_at_the_end(tmp_pat
     assert "0.600000          1           2  max_steps  *" in log and "of the refit, lr 0.05, weight decay 0" in log
 
 
-def test_search_killed_mid_point_resumes_to_the_uninterrupted_result(tmp_path, cache, monkeypatch, hooks):
+# A search SIGKILLed after the N-th optimiser step counted over the whole search (tests/faults.py's
+# kill_after_step counts one run's steps, which restart at every grid point)
+KILLER = """
+import os, runpy, signal, sys
+from gissl import engine
+calls = [0]
+def kill(step):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+if os.environ.get("KILL_AFTER"):
+    engine.HOOKS["after_step"].append(kill)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_child(out, cache, flags, kill_after=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", GISSL_CACHE=cache)
+    env.pop("KILL_AFTER", None)
+    if kill_after:
+        env["KILL_AFTER"] = str(kill_after)
+    argv = [os.path.join(ROOT, "train_classification.py"), "--architecture", "vit_t", "--image-size", "32",
+            "--recipe", "transfer-finetune", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+            "--output-dir", str(out), *flags]
+    return subprocess.run([sys.executable, "-c", KILLER, *argv], cwd=str(out.parent), env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_search_killed_mid_point_resumes_to_the_uninterrupted_result(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("GISSL_CACHE", cache)
     flags = ("--steps", "4", "--eval-every-steps", "2", "--search", "--search-lrs", "0.1,0.01", "--search-wds", "0")
-    run_script(tmp_path / "whole", *flags)
-    calls = {"n": 0}
-
-    def kill(step):  # as tests/faults.py's raise_after_step, counted over the whole search
-        calls["n"] += 1
-        if calls["n"] == 7:  # the second point's step 3, after its check at step 2
-            raise RuntimeError("killed")
-    hooks.append(kill)
-    engine.HOOKS["after_step"].append(kill)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_script(tmp_path / "killed", *flags)
-    folder = tmp_path / "killed" / f"{NAME}-search"
+    run_script(tmp_path / "whole", *flags)  # uninterrupted, in this process
+    killed = tmp_path / "killed"
+    r = run_child(killed, cache, flags, kill_after=7)  # the second point's step 3, after its check at step 2
+    assert r.returncode == -signal.SIGKILL, (r.stdout + r.stderr)[-3000:]
+    folder = killed / f"{NAME}-search"
     assert load_file(folder / f"{NAME}-lr_0.01-wd_0.last.pth")["global_step"] == 2
-    assert list(load_file(tmp_path / "killed" / f"{NAME}.search.pth")["rows"]) == [f"{NAME}-lr_0.1-wd_0"]
-    engine.HOOKS["after_step"].remove(kill)
-    hooks.remove(kill)
-    run_script(tmp_path / "killed", *flags)
+    assert list(load_file(killed / f"{NAME}.search.pth")["rows"]) == [f"{NAME}-lr_0.1-wd_0"]
+    r = run_child(killed, cache, flags)  # the same command again
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "Resuming from" in r.stdout and r.stdout.count("Val   Step") == 1 + 2  # point 2's step 4, the refit's
     a, b = (load_file(tmp_path / d / f"{NAME}.search.pth")["rows"] for d in ("whole", "killed"))
     assert a == b
     a, b = (load_file(tmp_path / d / f"{NAME}.pth") for d in ("whole", "killed"))

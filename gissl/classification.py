@@ -4,6 +4,7 @@ SSL4GIE's classification task (docs/ssl4gie-study.md §2.2, §4.2, §5.1) with i
 weights come from the training split only (docs/ssl4gie-study.md §8 item 11), and the scores are
 :func:`gissl.metrics.classification_metrics` (no ε/ε = 1, docs/ssl4gie-study.md §8 item 10).
 """
+import argparse
 import csv
 import os
 from pathlib import Path
@@ -19,6 +20,13 @@ from gissl.pictures import heat_colours, text_font
 from gissl.probes import occlusion_map
 
 CLASSIFICATION_DATASETS = ("Hyperkvasir_anatomical", "Hyperkvasir_pathological", "folder")
+VAL_METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
+# Named recipes of train_classification.py: flag values that apply unless given on the command
+# line. transfer-finetune: the SSL-transfer study's finetune.py (docs/transfer-study.md §b.6).
+RECIPES = {"transfer-finetune": dict(optimizer="sgd-nesterov", learning_rate=1e-2, weight_decay=1e-8, batch_size=64,
+                                     steps=5000, eval_every_steps=200, early_stopping_patience=3,
+                                     learning_rate_scheduler_minimum=0.0, augment="transfer", val_metric="accuracy",
+                                     class_weights="none")}
 
 
 class Classifier(torch.nn.Module):
@@ -40,15 +48,40 @@ class Classifier(torch.nn.Module):
 
 # --------------------------------------------------------------------------- data
 
+def transfer_train_transform(image_size):
+    """The SSL-transfer study's finetuning augmentation (docs/transfer-study.md §b.6):
+    RandomResizedCrop (scale 0.08-1, bicubic) back to ``image_size`` and a horizontal flip,
+    then ImageNet normalisation. Input: the resized Image in [0, 1] `(3, S, S)`."""
+    from torchvision.transforms import v2
+
+    from gissl.data.transforms import normalize
+    return v2.Compose([v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.RandomHorizontalFlip(0.5), normalize()])
+
+
 def build_datasets(dataset, root, *, image_size=224, split="random", seed=42, skip_bad=False,
-                   augment_train=True):
+                   augment_train=True, augment="ssl4gie"):
     """``dict(train=, val=, test=)`` of ``gissl.data.ClassificationDataset`` and the class names.
 
     ``dataset``: ``Hyperkvasir_anatomical`` / ``Hyperkvasir_pathological`` (reference class ids)
     or ``folder`` (``root/<class>/<images>``, classes in sorted order). ``split``: ``random``
     (SSL4GIE's unstratified split) or ``stratified`` (per class 80/10/10). With
-    ``augment_train=False`` the train split gets the eval transform (feature extraction).
+    ``augment_train=False`` the train split gets the eval transform (feature extraction);
+    ``augment="transfer"`` gives it :func:`transfer_train_transform` instead of SSL4GIE's.
     """
+    out, classes = _build_datasets(dataset, root, image_size=image_size, split=split, seed=seed, skip_bad=skip_bad,
+                                   augment_train=augment_train)
+    if augment == "transfer" and augment_train:
+        from gissl import data
+        tr = out["train"]
+        out["train"] = data.ClassificationDataset(tr.samples, image_size, train=True, classes=tr.classes,
+                                                  transform=transfer_train_transform(image_size))
+    elif augment != "ssl4gie":
+        raise UserError(f"unknown --augment '{augment}'; choose ssl4gie or transfer")
+    return out, classes
+
+
+def _build_datasets(dataset, root, *, image_size, split, seed, skip_bad, augment_train):
     from gissl import data
     if dataset == "folder":
         samples, classes = data.class_folder(root, skip_bad)
@@ -111,16 +144,21 @@ def predict(model, loader, device, amp=False):
     return {"probs": probs, "preds": probs.argmax(1), "targets": torch.cat(targets), "indices": torch.cat(indices)}
 
 
-def make_validate(loader, device, amp=True):
+def make_validate(loader, device, amp=True, metric="macro_f1"):
     """``validate(model) -> macro F1`` on ``loader`` (classes present there): the reference's
     model-selection metric (docs/ssl4gie-study.md §4.2), defined without its smoothing; under autocast
-    unless ``amp`` is False (``--no-amp``), as training and evaluation."""
-    from gissl.metrics import classification_metrics
-
+    unless ``amp`` is False (``--no-amp``), as training and evaluation. ``metric``: another key of
+    :func:`gissl.metrics.classification_metrics` (``accuracy``: the SSL-transfer study's)."""
     def validate(model):
-        out = predict(model, loader, device, amp=amp)
-        return classification_metrics(out["targets"], out["preds"], num_classes=out["probs"].shape[1])["macro_f1"]
+        return score(model, loader, device, amp)[metric]
     return validate
+
+
+def score(model, loader, device, amp=True):
+    """:func:`gissl.metrics.classification_metrics` of ``model``'s predictions on ``loader``."""
+    from gissl.metrics import classification_metrics
+    out = predict(model, loader, device, amp=amp)
+    return classification_metrics(out["targets"], out["preds"], out["probs"], num_classes=out["probs"].shape[1])
 
 
 def write_predictions_csv(path, paths, targets, probs):
@@ -241,11 +279,84 @@ def dataset_paths(dataset):
 # --------------------------------------------------------------------------- scripts
 
 def add_arguments(parser, stage):
-    """Classification flags: ``--split`` (every stage: the test split must be the training run's)."""
+    """Classification flags: ``--split`` (every stage: the test split must be the training run's)
+    and, for training, the SSL-transfer study's finetune protocol (:func:`_protocol_flags`)."""
     parser.add_argument("--split", default="random", choices=["random", "stratified"],
                         help="random = SSL4GIE's unstratified 80/10/10 split (rare classes may miss val/test); "
                              "stratified = 80/10/10 within each class")
+    if stage == "train":
+        _protocol_flags(parser)
     return parser
+
+
+def _float_list(text):
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers, e.g. 1e-1,1e-4") \
+            from None
+
+
+def _protocol_flags(parser):
+    recipe = RECIPES["transfer-finetune"]
+    g = parser.add_argument_group("finetune protocol (the SSL-transfer study's with --recipe transfer-finetune)")
+    g.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="named settings, each applied unless its flag is given: transfer-finetune = the "
+                        "SSL-transfer study's finetune protocol: " + ", ".join(
+                            f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd-nesterov"],
+                   help="adamw (SSL4GIE's) or SGD with Nesterov momentum 0.9 (the transfer study's)")
+    g.add_argument("--augment", default="ssl4gie", choices=["ssl4gie", "transfer"],
+                   help="training augmentation: ssl4gie = colour jitter, blur, flips, rotation; transfer = "
+                        "RandomResizedCrop (scale 0.08-1) + horizontal flip")
+    g.add_argument("--class-weights", dest="class_weights", default="train", choices=["train", "none"],
+                   help="cross-entropy class weights: train = N / (C * N_c) from the training split (SSL4GIE's "
+                        "formula); none = plain cross-entropy (the transfer study's)")
+    g.add_argument("--val-metric", dest="val_metric", default="macro_f1", choices=list(VAL_METRICS),
+                   help="validation score that selects the best checkpoint (and the search point)")
+    g.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="train for N optimiser steps instead of --epochs, the learning rate on a cosine "
+                        "from --learning-rate to --learning-rate-scheduler-minimum over the steps (no warm-up); "
+                        f"the recipe: {recipe['steps']}")
+    g.add_argument("--eval-every-steps", dest="eval_every_steps", type=int, default=None, metavar="N",
+                   help="with --steps: validate and checkpoint every N steps (and at the last step); default "
+                        f"only at the last step; the recipe: {recipe['eval_every_steps']}")
+    g.add_argument("--early-stopping-patience", dest="early_stopping_patience", type=int, default=0, metavar="K",
+                   help="with --steps: stop after K consecutive checks below the best validation score (a tie "
+                        "counts as better) and keep the best check's weights; 0 = never stop early; the recipe: "
+                        f"{recipe['early_stopping_patience']}")
+    g.add_argument("--search", action="store_true",
+                   help="with --steps: train every --search-lrs x --search-wds point on the train split "
+                        "(early stopping on val), choose the best validation score, refit it the same way and "
+                        "score it once on the test split (which nothing touches before)")
+    g.add_argument("--search-lrs", dest="search_lrs", type=_float_list, default=[1e-1, 1e-4], metavar="LRS",
+                   help="comma-separated learning rates of --search (the study's logspace(-4, -1, 2))")
+    g.add_argument("--search-wds", dest="search_wds", type=_float_list, default=[0.0, 1e-6, 1e-3], metavar="WDS",
+                   help="comma-separated weight decays of --search (the study's 0 and logspace(-6, -3, 2)), "
+                        "divided by each point's learning rate unless --search-wd-scale absolute")
+    g.add_argument("--search-wd-scale", dest="search_wd_scale", default="per-lr", choices=["per-lr", "absolute"],
+                   help="per-lr = the study's grid: weight decay = value / lr (lr x wd, the decay per step, is "
+                        "what the grid spaces); absolute = the values as given")
+
+
+def recipe_values(recipe, given=()):
+    """The flag values of ``recipe`` (a :data:`RECIPES` name, or None) that the command line did
+    not give (``given``: flag destinations), e.g. ``{"steps": 5000, ...}``."""
+    if recipe is None:
+        return {}
+    if recipe not in RECIPES:
+        raise UserError(f"unknown --recipe '{recipe}'; choose from {', '.join(sorted(RECIPES))}")
+    return {k: v for k, v in RECIPES[recipe].items() if k not in given}
+
+
+def check_protocol(*, steps, search, eval_every_steps, early_stopping_patience):
+    """Flag combinations of the finetune protocol that cannot work (UserError naming the flag)."""
+    if search and not steps:
+        raise UserError("--search trains each grid point with the step-based protocol: add --steps N "
+                        "(or --recipe transfer-finetune)")
+    if (eval_every_steps or early_stopping_patience) and not steps:
+        raise UserError("--eval-every-steps and --early-stopping-patience need --steps N (or --recipe "
+                        "transfer-finetune)")
 
 
 def check_dataset(dataset, data_root):

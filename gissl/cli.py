@@ -199,6 +199,9 @@ def check_args(args):
             raise UserError(f"{flag} {value} must be at least 1")
     if getattr(args, "cosine", False) and args.learning_rate_scheduler:
         raise UserError("--cosine and --learning-rate-scheduler are two learning-rate schedules; pick one")
+    if getattr(args, "steps", None) and (getattr(args, "cosine", False) or args.learning_rate_scheduler):
+        raise UserError("--steps anneals the learning rate on a cosine over the steps; drop --cosine and "
+                        "--learning-rate-scheduler")
     positions(args)
     return args
 
@@ -407,25 +410,53 @@ def fit_options(args, **overrides):
     return FitOptions(**values)
 
 
-def run_files(args, run_dir=None, name=None):
-    """The :class:`gissl.runfiles.RunFiles` of this run, with the flags as its stored settings."""
+def run_files(args, run_dir=None, name=None, **changes):
+    """The :class:`gissl.runfiles.RunFiles` of this run, with the flags (``changes`` replacing some
+    of them, e.g. a search point's ``learning_rate``) as its stored settings."""
     from gissl.runfiles import RunFiles
-    return RunFiles(run_dir or output_dir(args), name or run_name(args), config=settings(args),
+    return RunFiles(run_dir or output_dir(args), name or run_name(args), config={**settings(args), **changes},
                     resume_anyway=args.resume_anyway)
 
 
+def step_options(args, lr):
+    """The :class:`gissl.engine.FitOptions` of step-based training (``--steps``, where a script
+    offers it): ``--steps`` optimiser steps on a cosine from ``lr`` to
+    ``--learning-rate-scheduler-minimum`` without warm-up (the SSL-transfer study's
+    CosineAnnealingLR over the steps), ``--eval-every-steps`` checks and early stopping after
+    ``--early-stopping-patience`` checks; ``{}`` without ``--steps``."""
+    steps = getattr(args, "steps", None)
+    if not steps:
+        return {}
+    from gissl.ssl.schedule import warmup_cosine
+    return dict(max_steps=steps, eval_every_steps=args.eval_every_steps, patience=args.early_stopping_patience or 0,
+                lr_schedule=warmup_cosine(lr, steps, 0.0, args.learning_rate_scheduler_minimum))
+
+
+def search_grid(args):
+    """``--search-lrs`` x ``--search-wds`` as :func:`gissl.optim.search_grid` points."""
+    from gissl.optim import search_grid as grid
+    return grid(args.search_lrs, args.search_wds, wd_per_lr=args.search_wd_scale == "per-lr")
+
+
 def train(args, model, train_set, compute_losses, *, device, validate=None, metric_mode="max",
-          metric_name=None, frozen=(), optimizer=None, collate_fn=None, **options):
-    """:func:`gissl.engine.fit` with the shared training flags: AdamW at ``--learning-rate`` (or
-    ``optimizer``), ``--cosine`` or the plateau scheduler, ``frozen`` modules frozen with
-    ``--frozen``; ``options`` override :func:`fit_options`. Returns fit's result dict."""
+          metric_name=None, frozen=(), optimizer=None, collate_fn=None, learning_rate=None, weight_decay=None,
+          run=None, **options):
+    """:func:`gissl.engine.fit` with the shared training flags: ``--optimizer`` (AdamW where the
+    script has no such flag) at ``--learning-rate`` (or ``optimizer``), ``--steps`` (step-based,
+    :func:`step_options`), ``--cosine`` or the plateau scheduler, ``frozen`` modules frozen with
+    ``--frozen``; ``learning_rate``, ``weight_decay`` and ``run`` (a RunFiles) replace the
+    flags' (one point of a search); ``options`` override :func:`fit_options`. Returns fit's result."""
     from gissl.engine import fit
     from gissl.optim import build_optimizer
+    lr = args.learning_rate if learning_rate is None else learning_rate
     if optimizer is None:
-        optimizer = build_optimizer(model, args.learning_rate, weight_decay=args.weight_decay)
-    options.setdefault("lr_schedule", cosine_schedule(args, args.learning_rate))
+        optimizer = build_optimizer(model, lr, weight_decay=args.weight_decay if weight_decay is None else weight_decay,
+                                    kind=getattr(args, "optimizer", "adamw"))
+    for key, value in step_options(args, lr).items():
+        options.setdefault(key, value)
+    options.setdefault("lr_schedule", cosine_schedule(args, lr))
     return fit(model, train_loader=train_loader(args, train_set, device, collate_fn), compute_losses=compute_losses,
-               optimizer=optimizer, device=device, run=run_files(args), epochs=args.epochs, validate=validate,
+               optimizer=optimizer, device=device, run=run or run_files(args), epochs=args.epochs, validate=validate,
                metric_mode=metric_mode, metric_name=metric_name,
                options=fit_options(args, frozen=tuple(frozen) if args.frozen else (), **options))
 

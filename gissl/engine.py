@@ -169,6 +169,13 @@ class FitOptions:
     reseeds model-side randomness every epoch. ``extra_state``: ``(get() -> dict, set(dict))``
     saved in checkpoints. ``compile``: ``torch.compile`` the training module;
     ``channels_last``: NHWC memory format (default: :func:`use_channels_last`).
+
+    Step-based training (the SSL-transfer study's finetune protocol, docs/transfer-study.md
+    §b.6): ``max_steps`` optimiser steps whatever the epochs; ``lr_schedule`` then takes the
+    number of steps done (0, 1, ...) instead of the fractional epoch. ``eval_every_steps``:
+    validate (and checkpoint) every that many steps, and always at ``max_steps``;
+    ``patience``: stop after that many consecutive checks below the best (a tie counts as an
+    improvement, as the study), 0 = never stop early. The best weights are restored at the end.
     """
     amp: bool = True
     accum_iter: int = 1
@@ -186,6 +193,9 @@ class FitOptions:
     extra_state: object = None
     compile: bool = False
     channels_last: bool = None
+    max_steps: int = None
+    eval_every_steps: int = None
+    patience: int = 0
 
 
 # Callbacks for code outside the loop, e.g. the tests' fault injection: each ``after_step``
@@ -244,9 +254,10 @@ def _backward(model, batch, compute_losses, device, opts, scaler, sync, group_le
     return losses, total
 
 
-def _progress_bar(opts, epoch, total, done):
+def _progress_bar(opts, epoch, total, done, global_step=0):
     if opts.show_progress and tqdm is not None and dist.is_main_process():
-        return tqdm(total=total, initial=done, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        desc = f"epoch {epoch}" + (f", step {global_step}/{opts.max_steps}" if opts.max_steps else "")
+        return tqdm(total=total, initial=done, desc=desc, leave=False, dynamic_ncols=True)
     return None
 
 
@@ -280,12 +291,13 @@ def train_one_epoch(model, loader, optimizer, compute_losses, *, device, epoch, 
     done = resume["batches_done"] if resume else 0
     n_batches, accum = done + len(loader), opts.accum_iter
     sums = {k: torch.tensor(v, device=device) for k, v in (resume or {}).get("sums", {}).items()}
-    count, group_bad, bar = (resume["count"] if resume else 0), False, _progress_bar(opts, epoch, n_batches, done)
+    count, group_bad = (resume["count"] if resume else 0), False
+    bar = _progress_bar(opts, epoch, n_batches, done, global_step)
     optimizer.zero_grad(set_to_none=True)
     try:  # close the bar on errors too, so the error message starts on its own line
         for j, batch in enumerate(loader, start=done):
             if opts.lr_schedule is not None:
-                _set_lr(optimizer, opts.lr_schedule(epoch - 1 + j / n_batches))
+                _set_lr(optimizer, opts.lr_schedule(global_step if opts.max_steps else epoch - 1 + j / n_batches))
             last = (j + 1) % accum == 0 or j + 1 == n_batches
             losses, total = _backward(model, move_to(batch, device), compute_losses, device, opts, scaler,
                                       last, min(accum, n_batches - (j // accum) * accum))
@@ -397,6 +409,10 @@ def _wrap(bare, device, opts):
     return compile_model(model, device) if opts.compile else model
 
 
+def _empty_window():
+    return {"sums": {}, "count": 0, "time": 0.0}
+
+
 class _State:
     """What a checkpoint holds besides the weights, and how it is written and read back."""
 
@@ -404,15 +420,20 @@ class _State:
         self.bare, self.optimizer, self.scaler, self.scheduler, self.guard = bare, optimizer, scaler, scheduler, guard
         self.extra = opts.extra_state
         self.epoch, self.best, self.best_epoch, self.global_step, self.partial = 0, None, None, 0, None
+        # step-based runs: the step of the best check, consecutive checks below the best, why
+        # the run ended (None while it runs) and the training losses since the last check
+        self.best_step, self.bad_checks, self.finished, self.window = None, 0, None, _empty_window()
 
     def snapshot(self, config, rng, partial=None):
         optional = (self.scaler, self.scheduler)
         scaler, scheduler = (o.state_dict() if o is not None else None for o in optional)
         return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": scaler, "scheduler": scheduler, "epoch": self.epoch, "best_metric": self.best,
-                "best_epoch": self.best_epoch, "global_step": self.global_step, "partial": partial,
+                "best_epoch": self.best_epoch, "global_step": self.global_step,
+                "partial": self.partial if partial is None else partial,
                 "args": config, "extra": self.extra[0]() if self.extra is not None else None,
-                "nonfinite_skipped": self.guard.skipped, "rng": rng}
+                "nonfinite_skipped": self.guard.skipped, "rng": rng, "best_step": self.best_step,
+                "bad_checks": self.bad_checks, "finished": self.finished, "window": self.window}
 
     def restore(self, state, path):
         try:
@@ -430,6 +451,8 @@ class _State:
         self.epoch, self.best, self.best_epoch = int(state["epoch"]), state.get("best_metric"), state.get("best_epoch")
         self.global_step, self.partial = int(state.get("global_step", 0)), state.get("partial")
         self.guard.skipped, self.guard.last_good = int(state.get("nonfinite_skipped", 0) or 0), self.global_step
+        self.best_step, self.bad_checks = state.get("best_step"), int(state.get("bad_checks") or 0)
+        self.finished, self.window = state.get("finished"), state.get("window") or _empty_window()
         set_rng_state(state["rng"][min(dist.get_rank(), len(state["rng"]) - 1)])
 
 
@@ -450,13 +473,13 @@ def _start(run, state, model):
     state.restore(saved, run.last)
     if dist.is_main_process():
         where = (f"epoch {state.epoch + 1}, batch {state.partial['batches_done']}" if state.partial
-                 else f"epoch {state.epoch} done")
+                 else f"epoch {state.epoch} done") + (f", step {state.global_step}" if state.global_step else "")
         print(f"Resuming from {run.last} ({where})", flush=True)
         append_line(run.log, f"Resumed at epoch {state.epoch + 1}")
 
 
-def _validate(bare, validate, state, epoch, mode, lines, metric_name=None):
-    """The validation value (rank 0 computes, every rank gets it); updates best and the plateau."""
+def _measure(bare, validate, where, mode, lines, metric_name=None):
+    """The validation value (rank 0 computes, every rank gets it), logged as ``Val   <where>``."""
     value = None
     if dist.is_main_process():
         t1 = time.time()
@@ -464,10 +487,16 @@ def _validate(bare, validate, state, epoch, mode, lines, metric_name=None):
         with torch.inference_mode():
             value = float(validate(bare))
         what = f" ({metric_name}, {'higher' if mode == 'max' else 'lower'} is better)" if metric_name else ""
-        lines.append(f"Val   Epoch: {epoch}\tAverage performance: {value:.6f}{what}\tTime: {time.time() - t1:.6f}")
+        lines.append(f"Val   {where}\tAverage performance: {value:.6f}{what}\tTime: {time.time() - t1:.6f}")
     value = dist.broadcast_object(value)  # one float, the same on every rank
     if not math.isfinite(value):
-        raise NonFiniteLossError(f"validation metric is {value} after epoch {epoch}")
+        raise NonFiniteLossError(f"validation metric is {value} after {where.lower().replace(':', '')}")
+    return value
+
+
+def _validate(bare, validate, state, epoch, mode, lines, metric_name=None):
+    """The validation value after ``epoch``; updates best and the plateau scheduler."""
+    value = _measure(bare, validate, f"Epoch: {epoch}", mode, lines, metric_name)
     improved = _better(value, state.best, mode)
     if improved:
         state.best, state.best_epoch = value, epoch
@@ -502,6 +531,11 @@ def _interrupted(run, state, stop, stopped, epoch):
 def _end_epoch(run, state, epoch, improved, lines, record):
     """Save ``best`` (when improved) then ``last``, and log the epoch; rank 0 writes."""
     state.epoch = epoch
+    _save(run, state, improved, lines, record)
+
+
+def _save(run, state, improved, lines, record):
+    """Save ``best`` (when improved) then ``last`` and write the log lines; rank 0 writes."""
     rng = _gather_rng()  # a collective: every rank takes part; only rank 0 builds and writes the state
     if dist.is_main_process():
         snapshot = state.snapshot(run.config, rng)
@@ -537,11 +571,13 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run, epochs, 
     training the output folder is checked for write access and room for the checkpoints.
 
     Returns a dict with ``best_metric``, ``best_epoch``, ``epochs_run``, ``best_path``,
-    ``last_path`` and ``history`` (one dict per epoch run in this call).
+    ``last_path`` and ``history`` (one dict per epoch run in this call). With
+    ``options.max_steps`` the run is step-based instead (``epochs`` is ignored; see
+    :class:`FitOptions` and :func:`_fit_steps`, whose result also has ``best_step``,
+    ``steps_run`` and ``stopped``).
     """
     opts = options or FitOptions()
-    if opts.skip_nonfinite < 0:
-        raise UserError(f"--skip-nonfinite {opts.skip_nonfinite} must be 0 or more")
+    _check_options(opts)
     drop_frozen_parameters(optimizer, opts.frozen)  # before check_space, which counts trainable state
     run.check_writable()
     bare = to_channels_last(model, device, opts.channels_last)
@@ -550,15 +586,14 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run, epochs, 
     scheduler = plateau_scheduler(optimizer, metric_mode, opts.lr_min) if (opts.plateau and validate) else None
     state = _State(bare, optimizer, scaler, scheduler, NonFiniteGuard(opts.skip_nonfinite, device), opts)
     _start(run, state, bare)
+    if opts.max_steps:
+        return _fit_steps(model, train_loader, compute_losses, device, run, validate, metric_mode, metric_name,
+                          opts, state)
     history = []
     with _StopSignals(check_every=opts.log_every) as stop:
         for epoch in range(state.epoch + 1, epochs + 1):
             partial, state.partial = state.partial, None
-            skip = partial["batches_done"] * train_loader.batch_size if partial else 0
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(*((epoch, skip) if skip else (epoch,)))
-            if not partial:
-                _reseed(opts.seed, epoch)
+            _select_epoch(train_loader, epoch, partial, opts.seed)
             t0 = time.time()
             means, state.global_step, stopped = train_one_epoch(
                 model, train_loader, optimizer, compute_losses, device=device, epoch=epoch, options=opts,
@@ -581,6 +616,110 @@ def fit(model, *, train_loader, compute_losses, optimizer, device, run, epochs, 
             _end_epoch(run, state, epoch, improved, lines, record)
             history.append(record)
     return {"best_metric": state.best, "best_epoch": state.best_epoch, "epochs_run": len(history),
+            "best_path": run.best, "last_path": run.last, "history": history}
+
+
+def _check_options(opts):
+    for name, flag, value, least in (("skip_nonfinite", "--skip-nonfinite", opts.skip_nonfinite, 0),
+                                     ("max_steps", "--steps", opts.max_steps, 1),
+                                     ("eval_every_steps", "--eval-every-steps", opts.eval_every_steps, 1),
+                                     ("patience", "--early-stopping-patience", opts.patience, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value} must be {least} or more")
+    if (opts.eval_every_steps or opts.patience) and not opts.max_steps:
+        raise UserError("--eval-every-steps and --early-stopping-patience need step-based training: add --steps N "
+                        "(or --recipe transfer-finetune)")
+
+
+def _select_epoch(train_loader, epoch, partial, seed):
+    """Point the sampler at ``epoch`` (skipping the batches a partial epoch already did) and, at
+    an epoch's start, reseed the model-side randomness (:func:`_reseed`)."""
+    skip = partial["batches_done"] * train_loader.batch_size if partial else 0
+    if hasattr(train_loader.sampler, "set_epoch"):
+        train_loader.sampler.set_epoch(*((epoch, skip) if skip else (epoch,)))
+    if not partial:
+        _reseed(seed, epoch)
+
+
+def _is_check(step, opts):
+    """Whether optimiser step ``step`` ends with a validation check (and a checkpoint)."""
+    return step >= opts.max_steps or bool(opts.eval_every_steps) and step % opts.eval_every_steps == 0
+
+
+def _add_to_window(state, means, stopped, batches, seconds):
+    """Add one stretch of training (a finished epoch's ``means`` over ``batches`` batches, or a
+    ``stopped`` partial epoch's sums) to the losses logged at the next check."""
+    w = state.window
+    sums, count = (stopped["sums"], stopped["count"]) if stopped else ({k: v * batches for k, v in means.items()},
+                                                                      batches)
+    for k, v in sums.items():
+        w["sums"][k] = w["sums"].get(k, 0.0) + float(v)
+    w["count"] += count
+    w["time"] += seconds
+
+
+def _step_check(run, state, bare, validate, metric_mode, metric_name, opts):
+    """Validate at the current step, update early stopping, save ``best`` (when not worse)
+    and ``last``, log one line pair; returns the JSON record."""
+    step, w = state.global_step, state.window
+    means = {k: v / max(w["count"], 1) for k, v in w["sums"].items()}
+    loss = means.get("loss", sum(means.values()))
+    record = {"step": step, "epoch": state.epoch + 1 if state.partial else state.epoch, "train": means,
+              "lr": state.optimizer.param_groups[0]["lr"], "train_time_s": round(w["time"], 3)}
+    lines = [f"Train Step: {step}/{opts.max_steps}\tAverage loss: {loss:.6f}\tTime: {w['time']:.6f}"]
+    improved = True
+    if validate is not None:
+        record["val"] = value = _measure(bare, validate, f"Step: {step}", metric_mode, lines, metric_name)
+        if metric_name:
+            record["metric"] = metric_name
+        # a tie is an improvement and the later weights are kept, as the study's early stopping
+        improved = state.best is None or (value >= state.best if metric_mode == "max" else value <= state.best)
+        state.bad_checks = 0 if improved else state.bad_checks + 1
+        if improved:
+            state.best, state.best_step = value, step
+        if opts.patience and state.bad_checks >= opts.patience:
+            state.finished = "early_stopping"
+            lines.append(f"Early stopping at step {step} / {opts.max_steps}: {state.bad_checks} checks below the "
+                         f"best {state.best:.6f} (step {state.best_step})")
+    else:
+        state.best_step = step
+    if step >= opts.max_steps:
+        state.finished = state.finished or "max_steps"
+    state.window = _empty_window()
+    _save(run, state, improved, lines, record)
+    return record
+
+
+def _fit_steps(model, train_loader, compute_losses, device, run, validate, metric_mode, metric_name, opts, state):
+    """:func:`fit`'s step-based mode: epochs follow one another until ``opts.max_steps`` optimiser
+    steps or early stopping; every check (:func:`_is_check`) validates and saves, so a killed
+    run resumes from its last check with the schedule, the early-stopping state and the data
+    order exactly as they were (SIGTERM/SIGINT save where they are). A finished run (resumed or
+    not) ends with the best check's weights loaded from ``best``."""
+    history = []
+    with _StopSignals(check_every=opts.log_every) as stop:
+        while not state.finished:
+            epoch = state.epoch + 1
+            partial, state.partial = state.partial, None
+            _select_epoch(train_loader, epoch, partial, opts.seed)
+            t0 = time.time()
+            means, state.global_step, stopped = train_one_epoch(
+                model, train_loader, state.optimizer, compute_losses, device=device, epoch=epoch, options=opts,
+                scaler=state.scaler, nonfinite=state.guard, global_step=state.global_step, resume=partial,
+                should_stop=lambda step: stop(step) or _is_check(step, opts))
+            _add_to_window(state, means, stopped, len(train_loader), time.time() - t0)
+            # a partial epoch resumes with its own sums emptied: they are in the window now
+            state.epoch, state.partial = (epoch - 1, dict(stopped, sums={}, count=0)) if stopped else (epoch, None)
+            if _is_check(state.global_step, opts):  # before a signal is obeyed: a resumed run never redoes it
+                history.append(_step_check(run, state, state.bare, validate, metric_mode, metric_name, opts))
+            if stop.signum is not None and stopped is not None and not state.finished:
+                _interrupted(run, state, stop, state.partial, epoch)
+    if validate is not None and state.best_step is not None and state.best_step != state.global_step:
+        state.bare.load_state_dict(load_file(run.best)["model"])  # every rank: the file rank 0 wrote
+    if dist.is_main_process() and not history:
+        print(f"{run.last} has already finished ({state.finished} at step {state.global_step})", flush=True)
+    return {"best_metric": state.best, "best_epoch": state.best_epoch, "best_step": state.best_step,
+            "steps_run": state.global_step, "stopped": state.finished, "epochs_run": len(history),
             "best_path": run.best, "last_path": run.last, "history": history}
 
 

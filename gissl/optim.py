@@ -76,7 +76,21 @@ def build_optimizer(model_or_params, lr, weight_decay=0.01, kind="adamw", **kwar
         return LARS(groups, lr=lr, **kwargs)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=kwargs.pop("momentum", 0.9), **kwargs)
-    raise UserError(f"unknown optimizer '{kind}'; choose from adamw, lars, sgd")
+    if kind == "sgd-nesterov":  # the SSL-transfer study's finetune optimiser (docs/transfer-study.md §b.6)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **kwargs)
+    raise UserError(f"unknown optimizer '{kind}'; choose from adamw, lars, sgd, sgd-nesterov")
+
+
+def search_grid(learning_rates, weight_decays, wd_per_lr=True):
+    """The points ``[{"lr": .., "wd": ..}]`` of a learning-rate x weight-decay grid, learning
+    rates outermost, in the order given. With ``wd_per_lr`` each weight decay is divided by the
+    point's learning rate, as the SSL-transfer study's ``--search`` grid (docs/transfer-study.md
+    §b.6): lr ∈ {1e-1, 1e-4} and wd ∈ {0, 1e-6, 1e-3} / lr, so that the decay per step,
+    lr · wd, is what the grid spaces."""
+    if not learning_rates or not weight_decays:
+        raise UserError("the search grid is empty: give --search-lrs and --search-wds at least one value each")
+    return [{"lr": float(lr), "wd": float(wd) / float(lr) if wd_per_lr else float(wd)}
+            for lr in learning_rates for wd in weight_decays]
 
 
 def freeze(module):

@@ -99,7 +99,9 @@ RESUMABLE_CHANGES = {"epochs", "workers", "device", "compile", "skip_nonfinite",
 # pretraining, a model flag) would continue another experiment's weights on this one: it stops.
 WARN_ONLY_CHANGES = {"seed", "learning_rate", "learning_rate_scheduler", "learning_rate_scheduler_minimum",
                      "cosine", "warmup_epochs", "accum_iter", "batch_size", "clip_grad", "weight_decay",
-                     "no_amp", "log_every"}
+                     "no_amp", "log_every", "steps", "eval_every_steps", "early_stopping_patience", "recipe",
+                     "optimizer", "augment", "val_metric", "search_lrs", "search_wds", "search_wd_scale",
+                     "class_weights"}
 
 
 def _changed(saved, current, keys):
@@ -126,6 +128,76 @@ def check_changed_settings(saved, current, path, warn=True, resume_anyway=False)
         print(f"warning: '{path}' was started with other settings ({'; '.join(changed)}); it continues "
               "with its saved weights and optimiser state. To start afresh, use another --output-dir "
               "or delete that file", file=sys.stderr, flush=True)
+
+
+class GridSearch:
+    """A hyper-parameter grid trained point by point, resumable after a kill.
+
+    ``grid``: the points, dicts of plain values (e.g. ``{"lr": 0.1, "wd": 0.0}``). Each point is
+    one training run named ``<name>-lr_0.1-wd_0`` in ``<dir>/<name>-search/``; when it ends its
+    row (the point, ``best_metric``, ``best_step``, ``steps_run``, ``stopped``) is recorded in
+    ``<dir>/<name>.search.pth`` (written atomically) and the point's checkpoints are deleted
+    (their logs stay). Re-running the same search skips every recorded point and resumes the one
+    that was running from its own ``last`` checkpoint. ``config``: the run's settings, stored and
+    compared on resume as a training run's (:func:`check_changed_settings`).
+    """
+
+    def __init__(self, run_dir, name, grid, config=None, resume_anyway=False):
+        self.name, self.grid, self.config = name, [dict(p) for p in grid], dict(config or {})
+        self.dir = os.path.join(str(run_dir), name + "-search")
+        self.path = os.path.join(str(run_dir), name + ".search.pth")
+        self.rows = {}
+        if os.path.exists(self.path):
+            from gissl.checkpoint import load_file
+            saved = load_file(self.path)
+            check_changed_settings(saved.get("args"), self.config, self.path, warn=dist.is_main_process(),
+                                   resume_anyway=resume_anyway)
+            self.rows = dict(saved["rows"])
+
+    def point_name(self, point):
+        return self.name + "".join(f"-{k}_{v:g}" for k, v in point.items())
+
+    def run(self, train_point):
+        """Train every point not yet recorded: ``train_point(point, run_dir, run_name)`` returns a
+        :func:`gissl.engine.fit` result. Returns the rows in grid order."""
+        for point in self.grid:
+            key = self.point_name(point)
+            if key not in self.rows:
+                result = train_point(point, self.dir, key)
+                self.rows[key] = {**point, **{k: result.get(k) for k in
+                                              ("best_metric", "best_step", "steps_run", "stopped")}}
+                if dist.is_main_process():
+                    save_checkpoint({"args": self.config, "grid": self.grid, "rows": self.rows}, self.path)
+                dist.barrier()
+            if dist.is_main_process():  # also after a kill between recording and deleting
+                for f in (key + ".pth", key + ".last.pth"):
+                    if os.path.exists(os.path.join(self.dir, f)):
+                        os.remove(os.path.join(self.dir, f))
+        return [self.rows[self.point_name(p)] for p in self.grid]
+
+    def best(self, mode="max"):
+        """The recorded row with the best ``best_metric``; the first in grid order on a tie."""
+        rows = [self.rows[self.point_name(p)] for p in self.grid]
+        scored = [r for r in rows if r["best_metric"] is not None] or rows
+        sign = 1.0 if mode == "max" else -1.0
+        return max(scored, key=lambda r: sign * r["best_metric"] if r["best_metric"] is not None else 0.0)
+
+    def table(self, metric_name="val"):
+        """The summary: one line per point (its values, best validation score, the step of that
+        score and the step training stopped at, and why), the chosen point marked ``*``."""
+        keys = list(self.grid[0])
+        head = "  ".join(f"{k:>10}" for k in keys) + f"  {'best ' + metric_name:>16}  {'best step':>9}  " \
+            f"{'stopped at':>10}  why"
+        chosen = self.best()
+        lines = [head]
+        for p in self.grid:
+            r = self.rows.get(self.point_name(p))
+            if r is None:
+                continue
+            value = "-" if r["best_metric"] is None else f"{r['best_metric']:.6f}"
+            lines.append("  ".join(f"{r[k]:>10.3g}" for k in keys) + f"  {value:>16}  {str(r['best_step']):>9}  "
+                         f"{r['steps_run']:>10}  {r['stopped']}" + ("  *" if r is chosen else ""))
+        return "\n".join(lines)
 
 
 def append_line(path, text):

@@ -110,9 +110,13 @@ def _unwrap(path_or_state):
     if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise CheckpointError(f"checkpoint '{name}' holds no state dict of tensors; expected a SLIP file "
                               "('state_dict'), a gissl CLIP checkpoint ('model') or an OpenAI CLIP state dict")
+    top = obj if obj is not state else None
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    return (obj if obj is not state else None), state, name
+    inner = next((k[:-len("image_projection")] for k in state if k.endswith(".image_projection")), None)
+    if "image_projection" not in state and inner:  # a CLIPModel inside a training wrapper
+        state = {(k[len(inner):] if k.startswith(inner) else k): v for k, v in state.items()}
+    return top, state, name
 
 
 def clip_layout(state):
@@ -152,6 +156,20 @@ def _visual_architecture(obj, visual, name):
                           f"(first keys: {', '.join(list(visual)[:5])}); extract it and pass --architecture")
 
 
+def _two_towers(path_or_state):
+    """:func:`_unwrap` for a SLIP / gissl image–text file: ``(obj, state, name, layout)``; refuses
+    OpenAI CLIP files and files without both towers."""
+    obj, state, name = _unwrap(path_or_state)
+    layout = clip_layout(state)
+    if layout == "openai":
+        raise openai_clip_refusal(name)
+    if layout is None:
+        raise CheckpointError(f"checkpoint '{name}' is not an image–text model (no image_projection and text "
+                              "tower); pass a SLIP checkpoint or a gissl clip/slip pretrain.py checkpoint, or give "
+                              "an image-only file with --checkpoint as an image encoder")
+    return obj, state, name, layout
+
+
 def image_encoder_state(path_or_state):
     """``(architecture, encoder_state_dict)`` of the image tower of a SLIP file or a gissl CLIP
     checkpoint (a path, or the loaded object), timm / torchvision names, ready for
@@ -159,13 +177,7 @@ def image_encoder_state(path_or_state):
     (``architecture`` is ``"vit_s"``; build it with ``num_heads=12``, which
     ``vit_num_heads("vit_s", "slip")`` gives). Raises :class:`CheckpointError` for OpenAI CLIP
     files (see the module docstring) and files of no image–text layout."""
-    obj, state, name = _unwrap(path_or_state)
-    layout = clip_layout(state)
-    if layout == "openai":
-        raise openai_clip_refusal(name)
-    if layout is None:
-        raise CheckpointError(f"checkpoint '{name}' is not an image–text model: it has no image_projection and "
-                              "text tower; pass it with --checkpoint as an image encoder checkpoint instead")
+    obj, state, name, _ = _two_towers(path_or_state)
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     return _visual_architecture(obj or {}, visual, name)[0], visual
 
@@ -189,17 +201,12 @@ def load_text_tower(path_or_state, *, quick_gelu=True):
 def load_clip(path_or_state, *, quick_gelu=None, img_size=None):
     """Build a :class:`CLIPModel` from a SLIP file or a gissl CLIP checkpoint, loading both towers,
     both projections and ``logit_scale`` strictly. Returns ``(model, info)`` with ``info``:
-    ``{"layout", "architecture", "num_heads", "dropped", "image_mlp", "epoch"}`` (``image_mlp``:
-    SLIP's SimCLR head state, not part of the model). ``quick_gelu`` (None: True for SLIP files,
+    ``{"layout", "architecture", "num_heads", "dropped", "image_mlp", "epoch", "tokenizer"}``
+    (``image_mlp``: SLIP's SimCLR head state, not part of the model; ``tokenizer``: the file's
+    ``"tokenizer"`` entry for :meth:`~gissl.tokenizer.ClipTokenizer.from_state`, or None). ``quick_gelu`` (None: True for SLIP files,
     the stored value for gissl's) sets the text MLP activation."""
     from gissl.models import build_encoder  # the package imports this module
-    obj, state, name = _unwrap(path_or_state)
-    layout = clip_layout(state)
-    if layout == "openai":
-        raise openai_clip_refusal(name)
-    if layout is None:
-        raise CheckpointError(f"checkpoint '{name}' is not a CLIP / SLIP model (no image_projection and "
-                              "token_embedding); pass a SLIP checkpoint or a gissl clip/slip pretrain.py checkpoint")
+    obj, state, name, layout = _two_towers(path_or_state)
     if layout == "slip":  # SLIP's text tower sits at the top level: move it under "text."
         state = {("text." + k if k.startswith(_TEXT_KEYS) else k): v for k, v in state.items()}
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
@@ -225,8 +232,10 @@ def load_clip(path_or_state, *, quick_gelu=None, img_size=None):
         own["logit_scale"] = own["logit_scale"].reshape(())
     _load_strict(model, own, name, "CLIP model")
     epoch = (obj or {}).get("epoch")
+    tokenizer = (obj or {}).get("tokenizer")
     return model, {"layout": layout, "architecture": arch, "num_heads": heads, "dropped": plan["dropped"],
-                   "image_mlp": image_mlp, "epoch": epoch if isinstance(epoch, int) else None}
+                   "image_mlp": image_mlp, "epoch": epoch if isinstance(epoch, int) else None,
+                   "tokenizer": tokenizer if isinstance(tokenizer, dict) else None}
 
 
 def _load_strict(module, weights, name, what):

@@ -174,12 +174,14 @@ def test_gissl_clip_state_round_trip(tmp_path):
         for a, b in zip(model(images, tokens), again(images, tokens)):
             torch.testing.assert_close(a, b)
     assert image_encoder_state(path)[0] == "resnet18"
-    # inside a training wrapper (CLIPModel under "clip.", the SimCLR head beside it), with a tokenizer
+    # pretrain.py's layout: image tower under "encoder.", SimCLR head beside it, sizes in "args",
+    # the tokenizer under "extra"
     tokenizer = ClipTokenizer.learn(["a small polyp", "a large polyp"] * 3, vocab_size=600)
-    wrapped = {f"clip.{k}": v for k, v in model.state_dict().items()}
+    wrapped = {(f"encoder.{k[7:]}" if k.startswith("visual.") else k): v for k, v in model.state_dict().items()}
     wrapped.update({f"image_mlp.{k}": v for k, v in _simclr_head(512).state_dict().items()})
-    torch.save({"model": wrapped, "text_config": model.text_config, "tokenizer": tokenizer.state_dict(),
-                "args": {"arch": "resnet18", "ss_framework": "slip"}}, path)
+    torch.save({"model": wrapped, "extra": {"tokenizer": tokenizer.state_dict()}, "epoch": 3,
+                "args": {"arch": "resnet18", "ss_framework": "slip", "image_size": 32, "text_heads": 2,
+                         "text_width": 64, "text_layers": 1, "embed_dim": 32}}, path)
     again, info = load_clip(path)
     assert ClipTokenizer.from_state(info["tokenizer"]).merges == tokenizer.merges and info["image_mlp"]
     with torch.no_grad():

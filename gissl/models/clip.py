@@ -116,6 +116,9 @@ def _unwrap(path_or_state):
     inner = next((k[:-len("image_projection")] for k in state if k.endswith(".image_projection")), None)
     if "image_projection" not in state and inner:  # a CLIPModel inside a training wrapper
         state = {(k[len(inner):] if k.startswith(inner) else k): v for k, v in state.items()}
+    if "image_projection" in state and not any(k.startswith("visual.") for k in state):
+        # pretrain.py's CLIP / SLIP modules hold the image tower as "encoder" (every SSL wrapper's name)
+        state = {("visual." + k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in state.items()}
     return top, state, name
 
 
@@ -203,17 +206,24 @@ def load_clip(path_or_state, *, quick_gelu=None, img_size=None):
     both projections and ``logit_scale`` strictly. Returns ``(model, info)`` with ``info``:
     ``{"layout", "architecture", "num_heads", "dropped", "image_mlp", "epoch", "tokenizer"}``
     (``image_mlp``: SLIP's SimCLR head state, not part of the model; ``tokenizer``: the file's
-    ``"tokenizer"`` entry for :meth:`~gissl.tokenizer.ClipTokenizer.from_state`, or None). ``quick_gelu`` (None: True for SLIP files,
-    the stored value for gissl's) sets the text MLP activation."""
+    ``"tokenizer"`` (or ``extra["tokenizer"]``) entry for
+    :meth:`~gissl.tokenizer.ClipTokenizer.from_state`, or None). ``quick_gelu`` (None: True for
+    SLIP files, the stored value or False for gissl's) sets the text MLP activation. gissl files
+    are pretrain.py's (image tower under ``encoder.``, text sizes in ``args``) or a saved
+    :class:`CLIPModel` (``visual.``, ``text_config``)."""
     from gissl.models import build_encoder  # the package imports this module
     obj, state, name, layout = _two_towers(path_or_state)
     if layout == "slip":  # SLIP's text tower sits at the top level: move it under "text."
         state = {("text." + k if k.startswith(_TEXT_KEYS) else k): v for k, v in state.items()}
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    arch, heads = _visual_architecture(obj or {}, visual, name)
-    stored = (obj or {}).get("text_config") if layout == "gissl" else None
+    obj = obj or {}
+    # gissl files: the text sizes in "text_config" (CLIPModel.text_config) or pretrain.py's "args"
+    stored = (obj.get("text_config") or obj.get("args")) if layout == "gissl" else None
+    stored = stored if isinstance(stored, dict) else None
+    img_size = img_size or (stored or {}).get("image_size")
+    arch, heads = _visual_architecture(obj, visual, name)
     config = text_config({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
-    if isinstance(stored, dict):
+    if stored:
         config["heads"] = stored.get("text_heads", config["heads"])
         quick_gelu = stored.get("quick_gelu", False) if quick_gelu is None else quick_gelu
     encoder = build_encoder(arch, num_heads=heads, **({"img_size": img_size} if img_size else {}))
@@ -231,8 +241,8 @@ def load_clip(path_or_state, *, quick_gelu=None, img_size=None):
     if own["logit_scale"].dim():
         own["logit_scale"] = own["logit_scale"].reshape(())
     _load_strict(model, own, name, "CLIP model")
-    epoch = (obj or {}).get("epoch")
-    tokenizer = (obj or {}).get("tokenizer")
+    epoch = obj.get("epoch")
+    tokenizer = obj.get("tokenizer") or (obj.get("extra") or {}).get("tokenizer")
     return model, {"layout": layout, "architecture": arch, "num_heads": heads, "dropped": plan["dropped"],
                    "image_mlp": image_mlp, "epoch": epoch if isinstance(epoch, int) else None,
                    "tokenizer": tokenizer if isinstance(tokenizer, dict) else None}

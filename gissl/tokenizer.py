@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import functools
 import gzip
+import heapq
 import html
 import re
 import unicodedata
@@ -200,24 +201,36 @@ class ClipTokenizer:
             for p in zip(w, w[1:]):
                 pairs[p] += freqs[i]
                 where[p].add(i)
+        # A heap of (-count, pair) with stale entries skipped on pop: the most frequent pair,
+        # the smallest on a tie, without rescanning every pair for every merge.
+        heap = [(-n, p) for p, n in pairs.items()]
+        heapq.heapify(heap)
         merges = []
-        while len(merges) < vocab_size - 514 and pairs:
-            best = min(pairs, key=lambda p: (-pairs[p], p))
-            if pairs[best] < 2:
+        while len(merges) < vocab_size - 514 and heap:
+            count, best = heapq.heappop(heap)
+            if -count != pairs.get(best, 0):
+                continue
+            if -count < 2:
                 break
             merges.append(best)
             joined = "".join(best)
+            changed = set()
             for i in sorted(where.pop(best, ())):
                 old = words[i]
                 new = _merge_word(old, best, joined)
                 for p in zip(old, old[1:]):
                     pairs[p] -= freqs[i]
-                    if pairs[p] <= 0:
-                        del pairs[p]
+                    changed.add(p)
                 for p in zip(new, new[1:]):
                     pairs[p] += freqs[i]
                     where[p].add(i)
+                    changed.add(p)
                 words[i] = new
+            for p in changed:
+                if pairs[p] > 0:
+                    heapq.heappush(heap, (-pairs[p], p))
+                else:
+                    del pairs[p]
         return cls(merges, use_ftfy=use_ftfy)
 
     def state_dict(self) -> dict:

@@ -15,6 +15,7 @@ from gissl.checkpoint import describe_checkpoint
 from gissl.errors import CheckpointError
 from gissl.models import build_encoder, load_pretrained
 from gissl.models.clip import CLIPModel, image_encoder_state, load_clip, load_text_tower
+from gissl.models.pretrained import match_encoder
 from gissl.tokenizer import ClipTokenizer
 
 timm = pytest.importorskip("timm")
@@ -142,7 +143,7 @@ def test_slip_vit_s_is_moco_v3s_12_heads(tmp_path):
         load_pretrained(build_encoder("vit_s"), path)
 
 
-def test_openai_clip_state_dict_text_tower_and_refusal(tmp_path):
+def test_openai_clip_text_tower_loads(tmp_path):
     torch.manual_seed(0)
     reference = _open_clip_text(width=64, layers=2, heads=1, embed_dim=32)
     path = tmp_path / "openai_clip.pt"
@@ -153,10 +154,76 @@ def test_openai_clip_state_dict_text_tower_and_refusal(tmp_path):
         torch.testing.assert_close(tower.eval()(tokens), reference.encode_text(tokens), rtol=1e-5, atol=1e-5)
     assert float(scale) == pytest.approx(3.5)
     assert describe_checkpoint(path)["layout"] == "openai-clip"
-    with pytest.raises(CheckpointError, match="ln_pre"):
+
+
+def test_openai_clip_vit_b32_both_towers_equal_open_clip():
+    # open_clip's CLIP with OpenAI's ViT-B/32 image tower (ln_pre, QuickGELU), a small text tower;
+    # its state dict has OpenAI's names (visual.conv1, visual.class_embedding, visual.proj, ...).
+    torch.manual_seed(0)
+    vision = {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "head_width": 64}
+    text = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}
+    reference = open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(0.05 * torch.randn_like(p))
+    state = reference.state_dict()
+    assert "visual.ln_pre.weight" in state and "visual.class_embedding" in state
+    model, info = load_clip(state)
+    assert info["architecture"] == "vit_b32_clip"
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    tokens = ClipTokenizer.from_file(pytest.importorskip("open_clip.tokenizer").default_bpe())(["a polyp", "colon"])
+    with torch.no_grad():
+        ours, theirs = model.eval()(images, tokens), reference(images, tokens)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        # the image tower alone, as --checkpoint loads it (into the model's own vit_b32_clip)
+        arch, encoder_state = image_encoder_state(state)
+        plan = match_encoder(model.visual, state, "openai")
+        assert arch == "vit_b32_clip" and not (plan["missing"] or plan["unexpected"] or plan["misshaped"])
+        model.visual.load_state_dict(encoder_state, strict=True)
+        torch.testing.assert_close(model.visual(images) @ state["visual.proj"], reference.encode_image(images),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_openai_clip_resnet_is_refused_with_the_reason(tmp_path):
+    torch.manual_seed(0)
+    vision = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}
+    text = {"context_length": 77, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}
+    path = tmp_path / "openai_rn.pt"
+    torch.save(open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).state_dict(), path)
+    with pytest.raises(CheckpointError, match="attention pooling"):
+        load_pretrained(build_encoder("resnet18"), path)
+    with pytest.raises(CheckpointError, match="attention pooling"):
         image_encoder_state(path)
-    with pytest.raises(CheckpointError, match="ln_pre"):
-        load_pretrained(build_encoder("vit_t"), path)
+    assert load_text_tower(path)[0].vocab_size == 1000
+
+
+def test_vit_pre_norm_equals_timm():
+    # the ln_pre / bias-free patch / QuickGELU / eps 1e-5 options against timm's ViT with the same options
+    import functools
+
+    from gissl.models.vit import VisionTransformer
+    torch.manual_seed(0)
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0, pre_norm=True,
+        act_layer="quick_gelu", norm_layer=functools.partial(nn.LayerNorm, eps=1e-5)).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours = VisionTransformer(embed_dim=64, depth=2, num_heads=2, img_size=32, out_indices=(0, 1),
+                             pre_norm=True, quick_gelu=True, norm_eps=1e-5).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+    for arch, name in (("vit_b16_clip", "vit_base_patch16_clip_quickgelu_224"),
+                       ("vit_b32_clip", "vit_base_patch32_clip_quickgelu_224"),
+                       ("vit_l14_clip", "vit_large_patch14_clip_quickgelu_224")):
+        with torch.device("meta"):
+            a, b = build_encoder(arch), timm.create_model(name, num_classes=0)
+        assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+        assert (a.num_heads, a.blocks[0].norm1.eps) == (b.blocks[0].attn.num_heads, b.blocks[0].norm1.eps)
 
 
 def test_gissl_clip_state_round_trip(tmp_path):

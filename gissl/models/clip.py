@@ -17,14 +17,14 @@ Files understood (read as data only, ``torch.load(weights_only=True)``):
   "best_acc1", "optimizer", "scaler"}``. SLIP's ViT-S is MoCo v3's (12 heads), ViT-B/L timm's;
   its text tower uses QuickGELU, 8 heads of 64;
 - a flat :class:`CLIPModel` state dict, or one under ``"model"`` / ``"state_dict"``;
-- OpenAI CLIP / open_clip state dicts (``visual.conv1.weight``, ``visual.class_embedding``,
-  ``visual.transformer.resblocks.*``, ``visual.proj``, ``token_embedding.weight``, ...):
-  the **text tower** loads exactly (:func:`load_text_tower`); the image tower does not, because
-  OpenAI's VisionTransformer differs from gissl's timm-named ViT in four places gissl's ViT
-  does not have: a LayerNorm before the blocks (``ln_pre``), a patch convolution without bias,
-  QuickGELU in the MLPs and LayerNorm eps 1e-5 (1e-6 in gissl), besides patch sizes 32 and 14
-  for ViT-B/32 and ViT-L/14 (gissl's ViT-B and ViT-L use 16). Such a file is refused as an
-  image encoder with that reason.
+- OpenAI CLIP / open_clip ViT state dicts (``visual.conv1.weight``, ``visual.class_embedding``,
+  ``visual.ln_pre``, ``visual.transformer.resblocks.*``, ``visual.proj``,
+  ``token_embedding.weight``, ...): both towers load; the image tower is renamed to timm's names
+  (``gissl.models.pretrained.openai_visual_to_timm``) into ``vit_b16_clip`` / ``vit_b32_clip`` /
+  ``vit_l14_clip`` (gissl's ViT with ``ln_pre``, a bias-free patch convolution, QuickGELU and
+  LayerNorm eps 1e-5), ``visual.proj`` becomes ``image_projection``. OpenAI's ResNets
+  (``visual.attnpool.*``) load their text tower only (:func:`load_text_tower`); their image tower
+  fits no gissl encoder and is refused with that reason.
 
 The text tower's attention-head count is not in the weights; CLIP and SLIP use heads of 64
 channels (width 512: 8 heads), which is what is assumed.
@@ -38,10 +38,13 @@ import torch.nn.functional as F
 
 from gissl.checkpoint import load_file
 from gissl.errors import CheckpointError
-from gissl.models.pretrained import SLIP_VISUALS, describe_state_dict, match_encoder, openai_clip_refusal
+from gissl.models.pretrained import (SLIP_VISUALS, describe_state_dict, match_encoder, openai_clip_refusal,
+                                     openai_visual_to_timm)
 from gissl.models.text import TextTransformer
 
 # The ViT a visual width means when a file does not name its model (SLIP's heads, SLIP_VISUALS).
+# OpenAI CLIP's ViTs by (width, patch size).
+_CLIP_VITS = {(768, 16): "vit_b16_clip", (768, 32): "vit_b32_clip", (1024, 14): "vit_l14_clip"}
 _VIT_BY_WIDTH = {192: ("vit_t", 3), 384: ("vit_s", 12), 768: ("vit_b", 12), 1024: ("vit_l", 16)}
 _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 # Entries OpenAI's JIT-exported state dicts carry beside the weights (open_clip drops them too).
@@ -146,6 +149,10 @@ def _visual_architecture(obj, visual, name):
         from gissl.models import vit_num_heads  # the package imports this module
         arch = settings["arch"]
         return arch, settings.get("num_heads") or vit_num_heads(arch, settings.get("ss_framework"))
+    if "norm_pre.weight" in visual:  # OpenAI CLIP's ViT
+        key = (visual["cls_token"].shape[-1], visual["patch_embed.proj.weight"].shape[-1])
+        if key in _CLIP_VITS:
+            return _CLIP_VITS[key], None
     if "cls_token" in visual:
         width = visual["cls_token"].shape[-1]
         if width in _VIT_BY_WIDTH:
@@ -161,11 +168,17 @@ def _visual_architecture(obj, visual, name):
 
 def _two_towers(path_or_state):
     """:func:`_unwrap` for a SLIP / gissl image–text file: ``(obj, state, name, layout)``; refuses
-    OpenAI CLIP files and files without both towers."""
+    OpenAI CLIP ResNets and files without both towers; renames OpenAI CLIP ViTs to gissl's names."""
     obj, state, name = _unwrap(path_or_state)
     layout = clip_layout(state)
     if layout == "openai":
-        raise openai_clip_refusal(name)
+        if "visual.attnpool.positional_embedding" in state:
+            raise openai_clip_refusal(name)
+        # OpenAI's image tower in timm names (the *_clip architectures), its proj as SLIP's matrix
+        state = dict(state)
+        projection = state.pop("visual.proj")
+        state = openai_visual_to_timm(state)
+        state["image_projection"] = projection
     if layout is None:
         raise CheckpointError(f"checkpoint '{name}' is not an image–text model (no image_projection and text "
                               "tower); pass a SLIP checkpoint or a gissl clip/slip pretrain.py checkpoint, or give "
@@ -178,8 +191,8 @@ def image_encoder_state(path_or_state):
     checkpoint (a path, or the loaded object), timm / torchvision names, ready for
     ``build_encoder(architecture, ...)`` and ``load_state_dict``. SLIP's ViT-S has 12 heads
     (``architecture`` is ``"vit_s"``; build it with ``num_heads=12``, which
-    ``vit_num_heads("vit_s", "slip")`` gives). Raises :class:`CheckpointError` for OpenAI CLIP
-    files (see the module docstring) and files of no image–text layout."""
+    ``vit_num_heads("vit_s", "slip")`` gives). OpenAI CLIP ViTs give ``vit_*_clip``. Raises
+    :class:`CheckpointError` for OpenAI's ResNets and files of no image–text layout."""
     obj, state, name, _ = _two_towers(path_or_state)
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     return _visual_architecture(obj or {}, visual, name)[0], visual
@@ -202,7 +215,8 @@ def load_text_tower(path_or_state, *, quick_gelu=True):
 
 
 def load_clip(path_or_state, *, quick_gelu=None, img_size=None):
-    """Build a :class:`CLIPModel` from a SLIP file or a gissl CLIP checkpoint, loading both towers,
+    """Build a :class:`CLIPModel` from a SLIP file, an OpenAI CLIP / open_clip ViT state dict or a
+    gissl CLIP checkpoint, loading both towers,
     both projections and ``logit_scale`` strictly. Returns ``(model, info)`` with ``info``:
     ``{"layout", "architecture", "num_heads", "dropped", "image_mlp", "epoch", "tokenizer"}``
     (``image_mlp``: SLIP's SimCLR head state, not part of the model; ``tokenizer``: the file's
@@ -213,7 +227,7 @@ def load_clip(path_or_state, *, quick_gelu=None, img_size=None):
     :class:`CLIPModel` (``visual.``, ``text_config``)."""
     from gissl.models import build_encoder  # the package imports this module
     obj, state, name, layout = _two_towers(path_or_state)
-    if layout == "slip":  # SLIP's text tower sits at the top level: move it under "text."
+    if layout in ("slip", "openai"):  # their text tower sits at the top level: move it under "text."
         state = {("text." + k if k.startswith(_TEXT_KEYS) else k): v for k, v in state.items()}
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     obj = obj or {}

@@ -61,3 +61,12 @@ def test_default_shape_names_and_gradients():
             "text_projection", "positional_embedding", "token_embedding.weight"} <= names
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 78, dtype=torch.long))
+
+
+def test_cpu_training_path_equals_fused_attention():
+    # training on a CPU takes the explicit causal attention; inference the fused kernel
+    model = TextTransformer(vocab_size=600, width=64, layers=2, heads=2, embed_dim=16).eval()
+    tokens = _tokens(eot=599) % 600
+    with torch.no_grad():
+        fused = model(tokens)
+    torch.testing.assert_close(model(tokens), fused, rtol=1e-5, atol=1e-5)

@@ -13,12 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class QuickGELU(nn.Module):
-    """x · sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
-
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+from gissl.models.vit import QuickGELU, attention
 
 
 class CausalSelfAttention(nn.Module):
@@ -42,7 +37,9 @@ class CausalSelfAttention(nn.Module):
         n, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # fused on GPUs and in inference; explicit when training on a CPU, where it is faster
+        # (64 captions x 77 tokens, 4 heads, bf16 forward + backward: 31 vs 114 ms fused)
+        out = attention(q, k, v, causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
 

@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gissl.errors import UserError
-from gissl.models.text import QuickGELU
 
 # Blocks tapped for dense tasks (DPT, docs/ssl4gie-study.md §3.3): the 3rd/6th/9th/12th of 12 blocks.
 OUT_INDICES = (2, 5, 8, 11)
@@ -40,8 +39,16 @@ DINOV2_INIT_VALUES = 1e-5
 EXPLICIT_ATTENTION_MAX_TOKENS = 1024
 
 
-def attention(q, k, v):
-    """Softmax attention of q, k, v (N, heads, L, d) -> (N, heads, L, d).
+class QuickGELU(nn.Module):
+    """x · sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def attention(q, k, v, causal=False):
+    """Softmax attention of q, k, v (N, heads, L, d) -> (N, heads, L, d); ``causal``: position i
+    attends to positions <= i only (CLIP's text tower).
 
     ``F.scaled_dot_product_attention`` (fused) everywhere except when training on a CPU, where
     the explicit q·kᵀ -> softmax -> ·v (timm's non-fused path, the same numbers up to rounding)
@@ -56,8 +63,11 @@ def attention(q, k, v):
     if (q.device.type == "cpu" and torch.is_grad_enabled()
             and max(q.shape[-2], k.shape[-2]) <= EXPLICIT_ATTENTION_MAX_TOKENS):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if causal:
+            later = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(later, float("-inf"))
         return scores.softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def resample_pos_embed(pos_embed, old_grid, new_grid, num_prefix=1):

@@ -15,19 +15,23 @@ from gissl.errors import UserError
 from gissl.models.densenet import DenseNetEncoder, densenet121
 from gissl.models.pretrained import describe_state_dict, load_pretrained
 from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
-from gissl.models.vit import (VisionTransformer, vit_b, vit_b14_dinov2, vit_b14_reg4_dinov2, vit_h, vit_l,
-                              vit_l14_dinov2, vit_l14_reg4_dinov2, vit_s, vit_s14_dinov2, vit_s14_reg4_dinov2, vit_t)
+from gissl.models.text import TextTransformer
+from gissl.models.vit import (VisionTransformer, vit_b, vit_b14_dinov2, vit_b14_reg4_dinov2, vit_b16_clip, vit_b32_clip,
+                              vit_h, vit_l, vit_l14_clip, vit_l14_dinov2, vit_l14_reg4_dinov2, vit_s, vit_s14_dinov2,
+                              vit_s14_reg4_dinov2, vit_t)
 
 __all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "load_pretrained",
            "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "family", "check_combination", "ResNetEncoder", "DenseNetEncoder",
-           "VisionTransformer"]
+           "VisionTransformer", "TextTransformer"]
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "vit_t": vit_t,
                  "vit_s": vit_s, "vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h,
                  # DINOv2 (patch 14, LayerScale; reg4: 4 register tokens), timm's vit_*_patch14[_reg4]_dinov2
                  "vit_s14_dinov2": vit_s14_dinov2, "vit_s14_reg4_dinov2": vit_s14_reg4_dinov2,
                  "vit_b14_dinov2": vit_b14_dinov2, "vit_b14_reg4_dinov2": vit_b14_reg4_dinov2,
-                 "vit_l14_dinov2": vit_l14_dinov2, "vit_l14_reg4_dinov2": vit_l14_reg4_dinov2}
+                 "vit_l14_dinov2": vit_l14_dinov2, "vit_l14_reg4_dinov2": vit_l14_reg4_dinov2,
+                 # OpenAI CLIP's image towers (ln_pre, QuickGELU), timm's vit_*_clip_quickgelu_224
+                 "vit_b16_clip": vit_b16_clip, "vit_b32_clip": vit_b32_clip, "vit_l14_clip": vit_l14_clip}
 PRETRAININGS = ("Hyperkvasir", "ImageNet_self", "ImageNet_class", "random")
 # Which encoder families each SSL framework trains (MAE masks patches: ViT only; the
 # Barlow Twins / SimSiam / FPSiam recipes and the reference use ResNets; MoCo v3 both). No
@@ -57,6 +61,10 @@ IMAGENET_CLASS_FILES = {
     "vit_b14_reg4_dinov2": ["vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg4_pretrain"],
     "vit_l14_dinov2": ["vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14_pretrain"],
     "vit_l14_reg4_dinov2": ["vit_large_patch14_reg4_dinov2.lvd142m", "dinov2_vitl14_reg4_pretrain"],
+    # CLIP has no supervised weights either: timm's conversion of OpenAI's image towers
+    "vit_b16_clip": ["vit_base_patch16_clip_quickgelu_224.openai"],
+    "vit_b32_clip": ["vit_base_patch32_clip_quickgelu_224.openai"],
+    "vit_l14_clip": ["vit_large_patch14_clip_quickgelu_224.openai"],
 }
 _IMAGENET_HOWTO = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -69,7 +77,9 @@ _IMAGENET_HOWTO = {
 # head count is not in the weights (it only splits the qkv projection), so a file loads into
 # either model and only the features differ: it must follow from the flags. MoCo v3's ViT-S
 # (facebookresearch/moco-v3 vits.py, vit_small) has 12 heads where timm / DeiT-S / DINO have 6.
-_FRAMEWORK_HEADS = {("vit_s", "mocov3"): 12}
+# SLIP's ViT-S (facebookresearch/SLIP models.py, vit_small_mocov3_patch16_224) is MoCo v3's too,
+# for its CLIP, SLIP and SimCLR models alike.
+_FRAMEWORK_HEADS = {("vit_s", "mocov3"): 12, ("vit_s", "clip"): 12, ("vit_s", "slip"): 12, ("vit_s", "simclr"): 12}
 
 
 def vit_num_heads(architecture, ss_framework=None):

@@ -70,6 +70,17 @@ _ANCHORS = ("pos_embed", "cls_token", "patch_embed.proj.weight", "layer1.0.conv1
 # are matched as whole words of the prefix, split at '.' and '_'.
 _PRIMARY_COPY = {"q", "query", "base", "online", "student"}
 _SECONDARY_COPY = {"k", "key", "momentum", "target", "teacher", "ema"}
+# SLIP (facebookresearch/SLIP models.py): the model name in its 'args' Namespace (SLIP_VITB16,
+# CLIP_VITS16, SIMCLR_VITL16, ...) names the ViT; SLIP's ViT-S is MoCo v3's vit_small, 12 heads.
+SLIP_VISUALS = {"VITS16": ("vit_s", 12), "VITB16": ("vit_b", 12), "VITL16": ("vit_l", 16)}
+# OpenAI CLIP's VisionTransformer names -> timm's (the vit_*_clip_quickgelu_224 architectures).
+_OPENAI_VISUAL = [(re.compile(p), r) for p, r in (
+    (r"^conv1\.", "patch_embed.proj."), (r"^positional_embedding$", "pos_embed"), (r"^class_embedding$", "cls_token"),
+    (r"^ln_pre\.", "norm_pre."), (r"^ln_post\.", "norm."), (r"^transformer\.resblocks\.(\d+)\.ln_(\d)\.", r"blocks.\1.norm\2."),
+    (r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", r"blocks.\1.attn.qkv.\2"),
+    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc2."))]
 _VIT_NAMES = {192: "ViT-T", 384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
 _RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
                   ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
@@ -87,7 +98,10 @@ def load_pretrained(encoder, path, ss_framework=None, *, checkpoint_key=None):
     """
     obj = load_file(path)
     _check_described_architecture(obj, encoder, path)
-    plan = match_encoder(encoder, _find_state_dict(obj, path, checkpoint_key), path)
+    state = _find_state_dict(obj, path, checkpoint_key)
+    if any(k.endswith("visual.attnpool.positional_embedding") for k in state):
+        raise openai_clip_refusal(path)
+    plan = match_encoder(encoder, state, path)
     prefix, weights = plan["prefix"], plan["weights"]
     if plan["missing"] or plan["unexpected"] or plan["misshaped"]:
         raise CheckpointError(_mismatch_message(encoder, path, prefix, weights, plan["missing"], plan["unexpected"],
@@ -105,6 +119,7 @@ def match_encoder(encoder, state, path):
     counters added, ``pos_embed`` interpolated); ``encoder`` may live on the meta device.
     """
     expected = encoder.state_dict()
+    state = openai_visual_to_timm(state)
     prefix = _encoder_prefix(state, expected.keys(), path)
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if any(k.startswith("blocks.") for k in expected):
@@ -361,6 +376,16 @@ def _check_described_architecture(obj, encoder, path):
                 f"attention heads, but the encoder being built is {built} with {heads} heads; load it with "
                 f"--architecture {want[0]} --ss-framework mocov3 (which builds MoCo v3's {want[1]}-head model)")
         return
+    slip = getattr(obj.get("args"), "model", None)  # SLIP's Namespace (gissl stores a dict)
+    if isinstance(slip, str) and slip.split("_")[-1] in SLIP_VISUALS and isinstance(state, dict) and \
+            any(k.startswith("module.visual.") for k in state):
+        arch, want = SLIP_VISUALS[slip.split("_")[-1]]
+        if built == arch and heads != want:
+            raise CheckpointError(
+                f"checkpoint '{path}' is SLIP's {slip} ('args.model' in the file), whose {arch} has {want} attention "
+                f"heads, but the encoder being built has {heads} heads; load it with --architecture {arch} "
+                f"--ss-framework slip (which builds SLIP's {want}-head model)")
+        return
     settings = obj.get("args")  # the flags gissl's training stored
     if isinstance(settings, dict) and isinstance(settings.get("arch"), str) and isinstance(obj.get("model"), dict):
         arch, framework = settings["arch"], settings.get("ss_framework")
@@ -369,6 +394,44 @@ def _check_described_architecture(obj, encoder, path):
                 f"checkpoint '{path}' was written by gissl for --architecture {arch} --ss-framework {framework} "
                 f"({vit_num_heads(arch, framework)} attention heads), but the encoder being built has {heads} heads; "
                 f"load it with --architecture {arch} --ss-framework {framework}")
+
+
+def openai_visual_to_timm(state):
+    """An OpenAI CLIP / open_clip state dict with its image tower in timm's ViT names (under the
+    same prefix, e.g. ``visual.``): ``conv1`` -> ``patch_embed.proj``, ``class_embedding`` (D) ->
+    ``cls_token`` (1, 1, D), ``positional_embedding`` (L, D) -> ``pos_embed`` (1, L, D), ``ln_pre`` ->
+    ``norm_pre``, ``transformer.resblocks.{i}`` -> ``blocks.{i}`` (``ln_1/2`` -> ``norm1/2``,
+    ``in_proj_*`` -> ``qkv``, ``out_proj`` -> ``proj``, ``c_fc/c_proj`` -> ``fc1/fc2``), ``ln_post`` ->
+    ``norm``; ``proj`` (D, E) becomes the head ``head.weight`` (E, D), which the encoder loader drops.
+    Other states are returned unchanged."""
+    prefix = next((k[:-len("class_embedding")] for k in state if k.endswith("visual.class_embedding")), None)
+    if prefix is None:
+        return state
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        name = key[len(prefix):]
+        if name == "proj":
+            name, value = "head.weight", value.t()
+        for pattern, repl in _OPENAI_VISUAL:
+            name, n = pattern.subn(repl, name)
+            if n:
+                break
+        if name in ("cls_token", "pos_embed"):
+            value = value.reshape(1, -1, value.shape[-1])
+        out[prefix + name] = value
+    return out
+
+
+def openai_clip_refusal(path):
+    """The error for an OpenAI CLIP ResNet file given as an image encoder."""
+    return CheckpointError(
+        f"checkpoint '{path}' is an OpenAI CLIP / open_clip ResNet (visual.attnpool.*): its text tower loads "
+        "(gissl.models.clip.load_text_tower), but its image tower (ModifiedResNet: a 3-convolution stem, "
+        "average-pool downsampling and attention pooling) fits no gissl encoder. OpenAI's ViTs load as "
+        "--architecture vit_b16_clip / vit_b32_clip / vit_l14_clip")
 
 
 def _find_state_dict(obj, path, checkpoint_key=None):

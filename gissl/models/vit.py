@@ -39,8 +39,16 @@ DINOV2_INIT_VALUES = 1e-5
 EXPLICIT_ATTENTION_MAX_TOKENS = 1024
 
 
-def attention(q, k, v):
-    """Softmax attention of q, k, v (N, heads, L, d) -> (N, heads, L, d).
+class QuickGELU(nn.Module):
+    """x · sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def attention(q, k, v, causal=False):
+    """Softmax attention of q, k, v (N, heads, L, d) -> (N, heads, L, d); ``causal``: position i
+    attends to positions <= i only (CLIP's text tower).
 
     ``F.scaled_dot_product_attention`` (fused) everywhere except when training on a CPU, where
     the explicit q·kᵀ -> softmax -> ·v (timm's non-fused path, the same numbers up to rounding)
@@ -55,8 +63,11 @@ def attention(q, k, v):
     if (q.device.type == "cpu" and torch.is_grad_enabled()
             and max(q.shape[-2], k.shape[-2]) <= EXPLICIT_ATTENTION_MAX_TOKENS):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if causal:
+            later = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(later, float("-inf"))
         return scores.softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def resample_pos_embed(pos_embed, old_grid, new_grid, num_prefix=1):
@@ -122,10 +133,10 @@ def window_attention(q, k, v, grid, window_size, num_prefix=1):
 class PatchEmbed(nn.Module):
     """Non-overlapping p×p patches to tokens: (N, 3, H, W) -> (N, H/p * W/p, D)."""
 
-    def __init__(self, patch_size=16, embed_dim=768, in_chans=3):
+    def __init__(self, patch_size=16, embed_dim=768, in_chans=3, bias=True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
         p = self.patch_size
@@ -163,10 +174,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, quick_gelu=False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = QuickGELU() if quick_gelu else nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -188,14 +199,14 @@ class Block(nn.Module):
     """Pre-norm transformer block (timm ``Block`` without drop path); LayerScale when
     ``init_values`` is given (DINOv2), else none (``ls1`` / ``ls2`` are identities without parameters)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=None):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=None, quick_gelu=False, norm_eps=1e-6):
         super().__init__()
         # attribute order = timm's state-dict order (norm1, attn, ls1, norm2, mlp, ls2)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), quick_gelu)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def forward(self, x, grid=None):
@@ -215,10 +226,14 @@ class VisionTransformer(nn.Module):
     CLS token (``num_prefix_tokens`` = 1 + reg_tokens); they have no position, and the CLS token
     has none either (``num_prefix_pos`` = 0, timm's ``no_embed_class``): ``pos_embed`` then holds
     the patch grid only.
+    ``pre_norm``, ``quick_gelu``, ``norm_eps``: OpenAI CLIP's image tower (timm's
+    ``vit_*_clip_quickgelu_224``): a LayerNorm ``norm_pre`` after the position embedding, a
+    patch convolution without bias, QuickGELU MLPs and LayerNorm eps 1e-5.
     """
 
     def __init__(self, *, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16,
-                 img_size=224, out_indices=OUT_INDICES, architecture="vit", init_values=None, reg_tokens=0):
+                 img_size=224, out_indices=OUT_INDICES, architecture="vit", init_values=None, reg_tokens=0,
+                 pre_norm=False, quick_gelu=False, norm_eps=1e-6):
         super().__init__()
         img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_h % patch_size or img_w % patch_size:
@@ -236,14 +251,16 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = 1 + reg_tokens
         self.num_prefix_pos = 0 if reg_tokens else 1  # timm's reg4 DINOv2: no_embed_class
 
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
-        # parameter order = timm's (cls_token, reg_token, pos_embed, patch_embed, blocks, norm)
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, bias=not pre_norm)
+        # parameter order = timm's (cls_token, reg_token, pos_embed, patch_embed, norm_pre, blocks, norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         self.pos_embed = nn.Parameter(
             torch.zeros(1, self.num_prefix_pos + self.pos_grid[0] * self.pos_grid[1], embed_dim))
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, init_values) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, init_values, quick_gelu, norm_eps)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self._init_weights()
 
     def _init_weights(self):
@@ -296,8 +313,8 @@ class VisionTransformer(nn.Module):
             prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
         pos = self.pos_embed_for(h, w)
         if self.num_prefix_pos == 0:  # timm's no_embed_class: positions for the patches only
-            return torch.cat(prefix + [x + pos], dim=1), (h, w)
-        return torch.cat(prefix + [x], dim=1) + pos, (h, w)
+            return self.norm_pre(torch.cat(prefix + [x + pos], dim=1)), (h, w)
+        return self.norm_pre(torch.cat(prefix + [x], dim=1) + pos), (h, w)
 
     def forward_tokens(self, x):
         """All tokens after the final LayerNorm: (N, 3, H, W) -> (N, num_prefix_tokens + H/p * W/p, D)."""
@@ -320,6 +337,27 @@ class VisionTransformer(nn.Module):
                 patches = x[:, self.num_prefix_tokens:]  # CLS and registers dropped
                 feats.append(patches.transpose(1, 2).reshape(x.shape[0], self.embed_dim, h, w))
         return feats
+
+
+def _clip_vit(architecture, embed_dim, depth, patch_size, img_size, num_heads, out_indices):
+    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                             img_size=img_size, out_indices=out_indices, architecture=architecture,
+                             pre_norm=True, quick_gelu=True, norm_eps=1e-5)
+
+
+def vit_b16_clip(img_size=224, num_heads=12):
+    """OpenAI CLIP's ViT-B/16 image tower (timm ``vit_base_patch16_clip_quickgelu_224``)."""
+    return _clip_vit("vit_b16_clip", 768, 12, 16, img_size, num_heads, OUT_INDICES)
+
+
+def vit_b32_clip(img_size=224, num_heads=12):
+    """OpenAI CLIP's ViT-B/32 image tower (timm ``vit_base_patch32_clip_quickgelu_224``)."""
+    return _clip_vit("vit_b32_clip", 768, 12, 32, img_size, num_heads, OUT_INDICES)
+
+
+def vit_l14_clip(img_size=224, num_heads=16):
+    """OpenAI CLIP's ViT-L/14 image tower (timm ``vit_large_patch14_clip_quickgelu_224``)."""
+    return _clip_vit("vit_l14_clip", 1024, 24, 14, img_size, num_heads, OUT_INDICES_24)
 
 
 def vit_t(img_size=224, num_heads=3):

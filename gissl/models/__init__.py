@@ -15,12 +15,13 @@ from gissl.errors import UserError
 from gissl.models.densenet import DenseNetEncoder, densenet121
 from gissl.models.pretrained import describe_state_dict, load_pretrained
 from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
+from gissl.models.text import TextTransformer
 from gissl.models.vit import (VisionTransformer, vit_b, vit_b14_dinov2, vit_b14_reg4_dinov2, vit_h, vit_l,
                               vit_l14_dinov2, vit_l14_reg4_dinov2, vit_s, vit_s14_dinov2, vit_s14_reg4_dinov2, vit_t)
 
 __all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "load_pretrained",
            "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "family", "check_combination", "ResNetEncoder", "DenseNetEncoder",
-           "VisionTransformer"]
+           "VisionTransformer", "TextTransformer"]
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "vit_t": vit_t,
                  "vit_s": vit_s, "vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h,

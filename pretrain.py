@@ -40,6 +40,7 @@ from gissl.errors import UserError
 from gissl.models import build_encoder, vit_num_heads
 from gissl.ssl import (FRAMEWORKS, TEXT_FRAMEWORKS, VIEWS, build_ssl_model, cosine_momentum, export_encoder,
                        recipe, warmup_cosine)
+from gissl.ssl.clip import TEXT_TOWER_FLAGS, text_tower
 
 DATASETS = ("Hyperkvasir_unlabelled", "folder", "captions")
 
@@ -104,7 +105,7 @@ def add_text_arguments(p):
     g.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the official token ids; "
                         "default: a BPE learnt from the training captions, saved in the checkpoint")
-    g.add_argument("--vocab-size", dest="vocab_size", type=int, default=4096,
+    g.add_argument("--tokenizer-vocab-size", dest="vocab_size", type=int, default=8192,
                    help="tokens of the learnt BPE (without --tokenizer); fewer when the captions have fewer merges")
     g.add_argument("--context-length", dest="context_length", type=int, default=77,
                    help="tokens per caption, start and end-of-text included (CLIP's 77)")
@@ -135,13 +136,6 @@ def check(args):
     return args
 
 
-def text_tower(args, vocab_size):
-    """CLIP's text transformer with the ``--text-*`` flags (projection to ``--embed-dim``)."""
-    from gissl.models.text import TextTransformer
-    return TextTransformer(vocab_size=vocab_size, context_length=args.context_length, width=args.text_width,
-                           layers=args.text_layers, heads=args.text_heads, embed_dim=args.embed_dim)
-
-
 def head_kwargs(args, vocab_size=None):
     """Keyword arguments of the method's class from the flags that were given (``vocab_size``:
     the tokenizer's, for the text tower of CLIP and SLIP)."""
@@ -153,7 +147,8 @@ def head_kwargs(args, vocab_size=None):
             return kw
         kw["ssl_scale"] = args.ssl_scale
     if fw in TEXT_FRAMEWORKS:
-        return dict(kw if fw == "slip" else {}, text=text_tower(args, vocab_size), embed_dim=args.embed_dim)
+        text = text_tower(vocab_size=vocab_size, **{k: getattr(args, k) for k in TEXT_TOWER_FLAGS})
+        return dict(kw if fw == "slip" else {}, text=text, embed_dim=args.embed_dim)
     if fw == "mocov3":
         kw = dict(temperature=args.temperature, stop_grad_patch_embed=args.stop_grad_patch_embed)
         kw.update({k: v for k, v in (("dim", args.dim), ("mlp_dim", args.mlp_dim)) if v})

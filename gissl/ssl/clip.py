@@ -84,7 +84,7 @@ class CLIP(nn.Module):
 
 
 class SLIP(CLIP):
-    """forward(images, tokens, x1, x2) -> {"clip": CLIP loss, "simclr": ssl_scale x SimCLR loss}.
+    """forward(images, x1, x2, tokens) -> {"clip": CLIP loss, "simclr": ssl_scale x SimCLR loss}.
 
     ``images`` is the CLIP view, ``x1`` / ``x2`` the two SSL views; the SimCLR head sits on the
     image tower's pooled feature, before the CLIP projection (SLIP §3).
@@ -95,5 +95,46 @@ class SLIP(CLIP):
         self.temperature, self.ssl_scale = temperature, ssl_scale
         self.image_mlp = simclr_head(encoder.embed_dim, mlp_dim, dim)
 
-    def forward(self, images, tokens, x1, x2):
+    def forward(self, images, x1, x2, tokens):
         return {"clip": self.clip_loss(images, tokens), "simclr": self.ssl_scale * SimCLR.ssl_loss(self, x1, x2)}
+
+
+def text_tower(*, vocab_size, context_length=77, text_width=512, text_layers=12, text_heads=8, embed_dim=512):
+    """CLIP's text transformer (``gissl.models.text``) with pretrain.py's ``--text-*`` sizes."""
+    from gissl.models.text import TextTransformer
+    return TextTransformer(vocab_size=vocab_size, context_length=context_length, width=text_width,
+                           layers=text_layers, heads=text_heads, embed_dim=embed_dim)
+
+
+TEXT_TOWER_FLAGS = ("context_length", "text_width", "text_layers", "text_heads", "embed_dim")
+
+
+def load_image_text_model(path):
+    """``(CLIP model, tokenizer)`` from the ``checkpoint.pth`` of a ``pretrain.py`` CLIP or SLIP run.
+
+    The file's ``args`` give the towers' sizes and ``extra["tokenizer"]`` the tokenizer it was
+    trained with, so captions and prompts tokenize exactly as in training. A SLIP file loads
+    into a :class:`CLIP` module: its SimCLR head (``image_mlp.*``) is not used by zero-shot
+    classification or retrieval and is dropped; every other key must fit (strict).
+    """
+    from gissl.checkpoint import load_file
+    from gissl.errors import CheckpointError
+    from gissl.models import build_encoder, vit_num_heads
+    from gissl.models.pretrained import load_model_state
+    from gissl.tokenizer import ClipTokenizer
+    state = load_file(path)
+    cfg = state.get("args") if isinstance(state, dict) else None
+    extra = state.get("extra") if isinstance(state, dict) else None
+    if not (isinstance(cfg, dict) and cfg.get("ss_framework") in ("clip", "slip") and isinstance(extra, dict)
+            and "tokenizer" in extra and isinstance(state.get("model"), dict)):
+        raise CheckpointError(f"'{path}' is not the checkpoint.pth of a pretrain.py CLIP / SLIP run (with its text "
+                              "tower and tokenizer); zero-shot and image–text retrieval need both towers: pass that "
+                              "file (not encoder.pth, which holds the image tower only)")
+    tokenizer = ClipTokenizer.from_state(extra["tokenizer"])
+    encoder = build_encoder(cfg["arch"], img_size=cfg["image_size"],
+                            num_heads=vit_num_heads(cfg["arch"], cfg["ss_framework"]))
+    text = text_tower(vocab_size=tokenizer.vocab_size, **{k: cfg[k] for k in TEXT_TOWER_FLAGS})
+    model = CLIP(encoder, text=text, embed_dim=cfg["embed_dim"])
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("image_mlp.")}
+    load_model_state(model, weights, path, hint="the file's 'args' must describe its weights")
+    return model, tokenizer

@@ -225,6 +225,15 @@ def _layout(obj, path, enc):
         return "dino", f"DINO main_dino.py training checkpoint (student/teacher{epoch})"
     if container == "state_dict" and prefix.startswith("module.base_encoder."):
         return "mocov3", f"MoCo v3 main_moco.py checkpoint ('arch' {top.get('arch')!r}{epoch})"
+    if container == "state_dict" and prefix == "module.visual." and "module.image_mlp.layer1.weight" in state:
+        name = getattr(settings, "model", None)
+        towers = "image and text towers, SimCLR head" if "module.image_projection" in state else "SimCLR image tower"
+        return "slip", f"SLIP main.py checkpoint ({towers}; 'args' model {name!r}{epoch})"
+    if container == "state_dict" and prefix == "module.visual." and "module.image_projection" in state:
+        return "slip", f"SLIP main.py CLIP checkpoint ('args' model {getattr(settings, 'model', None)!r}{epoch})"
+    if container is None and any(k in state for k in ("visual.class_embedding", "visual.attnpool.positional_embedding")):
+        return "openai-clip", "OpenAI CLIP / open_clip state dict: its text tower loads " \
+                              "(gissl.models.clip.load_text_tower), its image tower fits no gissl encoder"
     if container == "state_dict" and "encoder_q" in prefix:
         return "mocov2", f"MoCo v1/v2 main_moco.py checkpoint ('arch' {top.get('arch')!r}{epoch})"
     if container == "model":

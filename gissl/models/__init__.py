@@ -71,7 +71,9 @@ _IMAGENET_HOWTO = {
 # head count is not in the weights (it only splits the qkv projection), so a file loads into
 # either model and only the features differ: it must follow from the flags. MoCo v3's ViT-S
 # (facebookresearch/moco-v3 vits.py, vit_small) has 12 heads where timm / DeiT-S / DINO have 6.
-_FRAMEWORK_HEADS = {("vit_s", "mocov3"): 12}
+# SLIP's ViT-S (facebookresearch/SLIP models.py, vit_small_mocov3_patch16_224) is MoCo v3's too,
+# for its CLIP, SLIP and SimCLR models alike.
+_FRAMEWORK_HEADS = {("vit_s", "mocov3"): 12, ("vit_s", "clip"): 12, ("vit_s", "slip"): 12, ("vit_s", "simclr"): 12}
 
 
 def vit_num_heads(architecture, ss_framework=None):

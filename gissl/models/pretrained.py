@@ -64,6 +64,9 @@ _ANCHORS = ("pos_embed", "cls_token", "patch_embed.proj.weight", "layer1.0.conv1
 # are matched as whole words of the prefix, split at '.' and '_'.
 _PRIMARY_COPY = {"q", "query", "base", "online", "student"}
 _SECONDARY_COPY = {"k", "key", "momentum", "target", "teacher", "ema"}
+# SLIP (facebookresearch/SLIP models.py): the model name in its 'args' Namespace (SLIP_VITB16,
+# CLIP_VITS16, SIMCLR_VITL16, ...) names the ViT; SLIP's ViT-S is MoCo v3's vit_small, 12 heads.
+SLIP_VISUALS = {"VITS16": ("vit_s", 12), "VITB16": ("vit_b", 12), "VITL16": ("vit_l", 16)}
 _VIT_NAMES = {192: "ViT-T", 384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
 _RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
                   ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
@@ -81,7 +84,10 @@ def load_pretrained(encoder, path, ss_framework=None, *, checkpoint_key=None):
     """
     obj = load_file(path)
     _check_described_architecture(obj, encoder, path)
-    plan = match_encoder(encoder, _find_state_dict(obj, path, checkpoint_key), path)
+    state = _find_state_dict(obj, path, checkpoint_key)
+    if any(k.endswith(("visual.class_embedding", "visual.attnpool.positional_embedding")) for k in state):
+        raise openai_clip_refusal(path)
+    plan = match_encoder(encoder, state, path)
     prefix, weights = plan["prefix"], plan["weights"]
     if plan["missing"] or plan["unexpected"] or plan["misshaped"]:
         raise CheckpointError(_mismatch_message(encoder, path, prefix, weights, plan["missing"], plan["unexpected"],
@@ -325,6 +331,16 @@ def _check_described_architecture(obj, encoder, path):
                 f"attention heads, but the encoder being built is {built} with {heads} heads; load it with "
                 f"--architecture {want[0]} --ss-framework mocov3 (which builds MoCo v3's {want[1]}-head model)")
         return
+    slip = getattr(obj.get("args"), "model", None)  # SLIP's Namespace (gissl stores a dict)
+    if isinstance(slip, str) and slip.split("_")[-1] in SLIP_VISUALS and isinstance(state, dict) and \
+            any(k.startswith("module.visual.") for k in state):
+        arch, want = SLIP_VISUALS[slip.split("_")[-1]]
+        if built == arch and heads != want:
+            raise CheckpointError(
+                f"checkpoint '{path}' is SLIP's {slip} ('args.model' in the file), whose {arch} has {want} attention "
+                f"heads, but the encoder being built has {heads} heads; load it with --architecture {arch} "
+                f"--ss-framework slip (which builds SLIP's {want}-head model)")
+        return
     settings = obj.get("args")  # the flags gissl's training stored
     if isinstance(settings, dict) and isinstance(settings.get("arch"), str) and isinstance(obj.get("model"), dict):
         arch, framework = settings["arch"], settings.get("ss_framework")
@@ -333,6 +349,17 @@ def _check_described_architecture(obj, encoder, path):
                 f"checkpoint '{path}' was written by gissl for --architecture {arch} --ss-framework {framework} "
                 f"({vit_num_heads(arch, framework)} attention heads), but the encoder being built has {heads} heads; "
                 f"load it with --architecture {arch} --ss-framework {framework}")
+
+
+def openai_clip_refusal(path):
+    """The error for an OpenAI CLIP / open_clip file given as an image encoder."""
+    return CheckpointError(
+        f"checkpoint '{path}' is an OpenAI CLIP / open_clip model (visual.conv1, visual.class_embedding or "
+        "visual.attnpool, ...): its text tower loads (gissl.models.clip.load_text_tower), but its image tower "
+        "does not fit gissl's encoders: OpenAI's VisionTransformer has a LayerNorm before the blocks (ln_pre), a "
+        "patch convolution without bias, QuickGELU MLPs and LayerNorm eps 1e-5 (and patch 32 / 14 for ViT-B/32 / "
+        "ViT-L/14), its ResNets a 3-convolution stem and attention pooling. Use a SLIP checkpoint, a gissl "
+        "clip/slip pretrain.py checkpoint or a timm ViT state dict as the image encoder")
 
 
 def _find_state_dict(obj, path, checkpoint_key=None):

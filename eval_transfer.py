@@ -90,6 +90,9 @@ def add_image_text_arguments(p):
     g.add_argument("--templates", default=None, metavar="FILE",
                    help="prompt templates, one per line with {} for the class name (default: endoscopy "
                         f"templates, e.g. '{probes.ENDOSCOPY_TEMPLATES[0]}')")
+    g.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz), needed for official SLIP files; "
+                        "default: the tokenizer stored in a pretrain.py checkpoint")
     g.add_argument("--caption-format", dest="caption_format", default="auto",
                    choices=["auto", "csv", "roco", "medslip", "coco"],
                    help="image-text-retrieval: layout of the --dataset captions folder (auto = the one found)")
@@ -104,7 +107,10 @@ def check_image_text(args):
                         "--dataset captions only with it; the other protocols need a classification --dataset")
     if args.protocol in ("zeroshot", "image-text-retrieval") and not args.checkpoint:
         raise UserError(f"--protocol {args.protocol} needs --checkpoint: the checkpoint.pth of a pretrain.py "
-                        "--ss-framework clip or slip run (both towers and the tokenizer)")
+                        "--ss-framework clip or slip run (both towers and the tokenizer), or an official SLIP file "
+                        "with --tokenizer")
+    if getattr(args, "tokenizer", None) and not os.path.isfile(args.tokenizer):
+        raise UserError(f"--tokenizer '{args.tokenizer}' does not exist")
 
 
 def check_transfer(args):
@@ -152,7 +158,7 @@ def image_text(args, device, root, model=None):
     from gissl.data import ClassificationDataset, build_caption_datasets
     from gissl.data.synthetic import class_phrase
     from gissl.ssl.clip import load_image_text_model
-    model, tokenizer = model or load_image_text_model(args.checkpoint)
+    model, tokenizer = model or load_image_text_model(args.checkpoint, args.tokenizer)
     model = freeze(model).to(device).eval()
     tokenize = functools.partial(tokenizer, context_length=model.text.context_length)
     extract = functools.partial(probes.extract_features, probes.ImageEmbedder(model), device=device,

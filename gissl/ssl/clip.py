@@ -109,32 +109,21 @@ def text_tower(*, vocab_size, context_length=77, text_width=512, text_layers=12,
 TEXT_TOWER_FLAGS = ("context_length", "text_width", "text_layers", "text_heads", "embed_dim")
 
 
-def load_image_text_model(path):
-    """``(CLIP model, tokenizer)`` from the ``checkpoint.pth`` of a ``pretrain.py`` CLIP or SLIP run.
+def load_image_text_model(path, tokenizer_file=None):
+    """``(image–text model, tokenizer)`` for zero-shot and retrieval: ``pretrain.py``'s CLIP / SLIP
+    ``checkpoint.pth`` or an official SLIP release, read by :func:`gissl.models.clip.load_clip`
+    (both towers, projections and ``logit_scale`` strictly; SLIP's SimCLR head is left out).
 
-    The file's ``args`` give the towers' sizes and ``extra["tokenizer"]`` the tokenizer it was
-    trained with, so captions and prompts tokenize exactly as in training. A SLIP file loads
-    into a :class:`CLIP` module: its SimCLR head (``image_mlp.*``) is not used by zero-shot
-    classification or retrieval and is dropped; every other key must fit (strict).
+    The tokenizer is ``tokenizer_file`` (CLIP's ``bpe_simple_vocab_16e6.txt.gz``) when given,
+    else the one the checkpoint was trained with, so prompts tokenize exactly as in training.
     """
-    from gissl.checkpoint import load_file
-    from gissl.errors import CheckpointError
-    from gissl.models import build_encoder, vit_num_heads
-    from gissl.models.pretrained import load_model_state
+    from gissl.errors import UserError
+    from gissl.models.clip import load_clip
     from gissl.tokenizer import ClipTokenizer
-    state = load_file(path)
-    cfg = state.get("args") if isinstance(state, dict) else None
-    extra = state.get("extra") if isinstance(state, dict) else None
-    if not (isinstance(cfg, dict) and cfg.get("ss_framework") in ("clip", "slip") and isinstance(extra, dict)
-            and "tokenizer" in extra and isinstance(state.get("model"), dict)):
-        raise CheckpointError(f"'{path}' is not the checkpoint.pth of a pretrain.py CLIP / SLIP run (with its text "
-                              "tower and tokenizer); zero-shot and image–text retrieval need both towers: pass that "
-                              "file (not encoder.pth, which holds the image tower only)")
-    tokenizer = ClipTokenizer.from_state(extra["tokenizer"])
-    encoder = build_encoder(cfg["arch"], img_size=cfg["image_size"],
-                            num_heads=vit_num_heads(cfg["arch"], cfg["ss_framework"]))
-    text = text_tower(vocab_size=tokenizer.vocab_size, **{k: cfg[k] for k in TEXT_TOWER_FLAGS})
-    model = CLIP(encoder, text=text, embed_dim=cfg["embed_dim"])
-    weights = {k: v for k, v in state["model"].items() if not k.startswith("image_mlp.")}
-    load_model_state(model, weights, path, hint="the file's 'args' must describe its weights")
-    return model, tokenizer
+    model, info = load_clip(path)
+    if tokenizer_file:
+        return model, ClipTokenizer.from_file(tokenizer_file)
+    if info["tokenizer"] is None:
+        raise UserError(f"'{path}' holds no tokenizer (an official release): give CLIP's vocabulary with "
+                        "--tokenizer bpe_simple_vocab_16e6.txt.gz")
+    return model, ClipTokenizer.from_state(info["tokenizer"])

@@ -9,13 +9,21 @@ Protocols (docs/transfer-study.md §b.1, with the fixes of docs/transfer-study.m
   saliency    occlusion maps (10×10 patch) and attentive diffusion (% of the map above its mean)
   reconstruction  deep-image-prior feature inversion (Ulyanov et al. 2018, as Zhao et al. 2021):
               input | reconstruction panels for --idx, PSNR and SSIM (LPIPS with --lpips-weights)
+  zeroshot    CLIP / SLIP zero-shot classification: class names in prompt templates, text
+              embeddings averaged over templates (Radford et al. 2021 §3.1.4); --checkpoint is
+              pretrain.py's checkpoint.pth (both towers and the tokenizer)
+  image-text-retrieval  Recall@1/5/10 image→text and text→image on the caption set's held-out
+              test split (--dataset captions; the split pretrain.py did not train on)
 
 The encoder is frozen and stays in eval mode (BatchNorm statistics never change); features are
 extracted once per encoder / dataset / split and cached under ``<output-dir>/features``.
 
     python eval_transfer.py --protocol linear --architecture resnet18 --dataset Hyperkvasir_anatomical \
         --image-size 64
+    python eval_transfer.py --protocol zeroshot --architecture vit_t --pretraining Hyperkvasir \
+        --ss-framework clip --checkpoint pretrained/vit_t-clip-captions/checkpoint.pth --image-size 64
 """
+import functools
 import os
 
 import torch
@@ -27,18 +35,19 @@ from gissl.data import medical
 from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gissl.optim import freeze
 from gissl.errors import UserError
-from gissl.metrics import classification_metrics, format_per_class
+from gissl.metrics import classification_metrics, format_per_class, topk_accuracy
 from gissl.report import append_eval_results
 from gissl import inversion, probes
 
-PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency", "reconstruction")
+PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency", "reconstruction", "zeroshot",
+             "image-text-retrieval")
 
 
 def get_args(argv=None):
     # the probed encoder is built from --checkpoint; there is no finetuned model (no --weights)
     p = cli.task_parser("transfer", "Evaluate a frozen pretrained encoder with representation probes", stage="eval",
-                        datasets=cls.CLASSIFICATION_DATASETS + medical.MEDICAL_DATASETS, default_batch_size=64,
-                        encoder_checkpoint=True,
+                        datasets=cls.CLASSIFICATION_DATASETS + medical.MEDICAL_DATASETS + ("captions",),
+                        default_batch_size=64, encoder_checkpoint=True,
                         weights=False)
     cls.add_arguments(p, "eval")
     medical.add_dataset_arguments(p)
@@ -78,6 +87,7 @@ def get_args(argv=None):
     g.add_argument("--stride", type=int, default=5,
                    help="window stride; the reference's 1 costs (size-9)² forward passes per image")
     add_reconstruction_arguments(p)
+    add_image_text_arguments(p)
     return check_transfer(cli.parse(p, argv))
 
 
@@ -111,7 +121,39 @@ def add_reconstruction_arguments(p):
                    help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth) for LPIPS")
 
 
+def add_image_text_arguments(p):
+    g = p.add_argument_group("zeroshot, image-text-retrieval")
+    g.add_argument("--classnames", default=None,
+                   help="comma-separated class names put into the prompts, in class-id order (default: the "
+                        "dataset's class folder names, '-' read as a space)")
+    g.add_argument("--templates", default=None, metavar="FILE",
+                   help="prompt templates, one per line with {} for the class name (default: endoscopy "
+                        f"templates, e.g. '{probes.ENDOSCOPY_TEMPLATES[0]}')")
+    g.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz), needed for official SLIP files; "
+                        "default: the tokenizer stored in a pretrain.py checkpoint")
+    g.add_argument("--caption-format", dest="caption_format", default="auto",
+                   choices=["auto", "csv", "roco", "medslip", "coco"],
+                   help="image-text-retrieval: layout of the --dataset captions folder (auto = the one found)")
+
+
+def check_image_text(args):
+    """--dataset captions is the retrieval protocol's data, and only its."""
+    if args.protocol == "image-text-retrieval" and "dataset" not in args.given:
+        args.dataset = "captions"
+    if (args.protocol == "image-text-retrieval") != (args.dataset == "captions"):
+        raise UserError("--protocol image-text-retrieval runs on --dataset captions (image–caption pairs), and "
+                        "--dataset captions only with it; the other protocols need a classification --dataset")
+    if args.protocol in ("zeroshot", "image-text-retrieval") and not args.checkpoint:
+        raise UserError(f"--protocol {args.protocol} needs --checkpoint: the checkpoint.pth of a pretrain.py "
+                        "--ss-framework clip or slip run (both towers and the tokenizer), or an official SLIP file "
+                        "with --tokenizer")
+    if getattr(args, "tokenizer", None) and not os.path.isfile(args.tokenizer):
+        raise UserError(f"--tokenizer '{args.tokenizer}' does not exist")
+
+
 def check_transfer(args):
+    check_image_text(args)
     cls.check_dataset(args.dataset, args.data_root)
     check_medical(args)
     if args.pretraining in ("Hyperkvasir", "ImageNet_self") and not (args.ss_framework and args.checkpoint):
@@ -210,9 +252,58 @@ def scores(target, probs, classes):
     return res
 
 
+def image_text(args, device, root, model=None):
+    """``--protocol zeroshot`` / ``image-text-retrieval`` with the CLIP model of ``--checkpoint``
+    (``model``, ``(model, tokenizer)``, overrides it: tests). Returns the result dict."""
+    from gissl.data import ClassificationDataset, build_caption_datasets
+    from gissl.data.synthetic import class_phrase
+    from gissl.ssl.clip import load_image_text_model
+    model, tokenizer = model or load_image_text_model(args.checkpoint, args.tokenizer)
+    model = freeze(model).to(device).eval()
+    tokenize = functools.partial(tokenizer, context_length=model.text.context_length)
+    extract = functools.partial(probes.extract_features, probes.ImageEmbedder(model), device=device,
+                                batch_size=args.batch_size, workers=args.workers)
+    if args.protocol == "image-text-retrieval":
+        test = build_caption_datasets(root, format=args.caption_format, skip_bad=args.skip_bad_files)["test"]
+        # the eval transform of every classification split (exact resize, normalise); labels unused
+        images = extract(ClassificationDataset([dict(s, label=0) for s in test], args.image_size))["features"]
+        captions = [(i, c) for i, s in enumerate(test) for c in s["captions"]]
+        with torch.inference_mode():
+            texts = torch.cat([model.encode_text(tokenize([c for _, c in captions[j:j + args.batch_size]])
+                                                 .to(device)).float().cpu()
+                               for j in range(0, len(captions), args.batch_size)])
+        res = probes.image_text_recall(images, texts, [i for i, _ in captions])
+        res.update({"Images": len(test), "Captions": len(captions)})
+        print("  ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        return res, None
+    ds, classes = build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
+                                 skip_bad=args.skip_bad_files, augment_train=False)
+    names = [c.strip() for c in args.classnames.split(",")] if args.classnames else [class_phrase(c) for c in classes]
+    if len(names) != len(classes):
+        raise UserError(f"--classnames gives {len(names)} names; {args.dataset} has {len(classes)} classes "
+                        f"({', '.join(classes)})")
+    templates = probes.read_templates(args.templates) if args.templates else probes.ENDOSCOPY_TEMPLATES
+    weights = probes.zeroshot_weights(model.encode_text, tokenize, names, templates, device)
+    f = extract(ds["test"])
+    probs = probes.zeroshot_logits(f["features"].to(device), weights, model.logit_scale.exp()).softmax(1).cpu()
+    res = {"Top-1 accuracy": topk_accuracy(f["labels"], probs, 1), "Top-5 accuracy": topk_accuracy(f["labels"], probs, 5)}
+    res.update(scores(f["labels"], probs, classes))
+    res["Templates"] = len(templates)
+    return res, (ds, f, probs)
+
+
 def main(args, encoder=None):
-    """Run ``args.protocol``; ``encoder`` overrides the one built from the flags (tests)."""
+    """Run ``args.protocol``; ``encoder`` overrides the one built from the flags (tests; for
+    zeroshot and image-text-retrieval a ``(CLIP model, tokenizer)`` pair)."""
     device = dist.resolve_device(args.device)
+    if args.protocol in ("zeroshot", "image-text-retrieval"):
+        res, predictions = image_text(args, device, cli.data_root(args), encoder)
+        append_eval_results(f"Transfer ({args.protocol}) results", cli.run_name(args), res)
+        if args.save_predictions and predictions is not None:
+            ds, f, probs = predictions
+            write_predictions_csv(args.save_predictions, dataset_paths(ds["test"]), f["labels"], probs)
+            print(f"predictions: {args.save_predictions}")
+        return res
     root, ds, classes = transfer_datasets(args)
     if encoder is None:
         encoder = build_frozen_encoder(args, device)

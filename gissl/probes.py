@@ -395,3 +395,74 @@ def attentive_diffusion(saliency):
     low = attention concentrated on a small region."""
     saliency = torch.as_tensor(saliency)
     return float((saliency > saliency.mean()).double().mean() * 100)
+
+
+# --------------------------------------------------------------------------- image–text: zero-shot, retrieval
+
+# Prompt templates for endoscopy class names (CLIP §3.1.4 prompt ensembling); "{}" is the class.
+ENDOSCOPY_TEMPLATES = ("endoscopy image of the {}.", "an endoscopic view of the {}.", "endoscopy image showing {}.",
+                       "a photo of the {} taken at endoscopy.", "{}")
+
+
+def read_templates(path):
+    """Prompt templates from a text file, one per line, each with one ``{}`` for the class name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--templates {path}: cannot read it ({e})") from None
+    bad = [line for line in lines if line.count("{}") != 1]
+    if not lines or bad:
+        raise UserError(f"--templates {path}: every line needs exactly one '{{}}' where the class name goes "
+                        f"(e.g. 'endoscopy image of the {{}}.'); {'no templates' if not lines else repr(bad[0])}")
+    return tuple(lines)
+
+
+class ImageEmbedder(torch.nn.Module):
+    """A CLIP-style model's image side as an encoder: ``(N, 3, H, W) -> (N, embed_dim)``
+    (``model.encode_image``), so :func:`extract_features` embeds a dataset with it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.encode_image(images)
+
+
+@torch.inference_mode()
+def zeroshot_weights(encode_text, tokenize, classnames, templates, device="cpu"):
+    """Zero-shot classifier `(C, D)`: for each class the mean over ``templates`` of the
+    L2-normalised text embeddings of ``template.format(name)``, normalised again (CLIP §3.1.4).
+    ``encode_text((T, L) tokens) -> (T, D)``; ``tokenize(list of str) -> (T, L)``."""
+    rows = []
+    for name in classnames:
+        emb = encode_text(tokenize([t.format(name) for t in templates]).to(device)).float()
+        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=0))
+    return torch.stack(rows)
+
+
+def zeroshot_logits(image_emb, weights, logit_scale=100.0):
+    """`(N, C)` logits: ``logit_scale`` x cosine of the L2-normalised image embeddings `(N, D)`
+    with the class rows of :func:`zeroshot_weights` `(C, D)`."""
+    return float(logit_scale) * F.normalize(image_emb.float(), dim=-1) @ weights.float().T
+
+
+def image_text_recall(image_emb, text_emb, text_image, ks=(1, 5, 10)):
+    """Recall@K both ways (in %), as the CLIP / COCO-Karpathy retrieval protocol.
+
+    image_emb: `(N, D)`; text_emb: `(M, D)` captions; text_image: `(M,)` the image of each
+    caption. Image→text: an image is found at K when any of its captions is among its K
+    most similar captions; text→image: a caption when its image is among its K most similar
+    images. Cosine similarity; K is capped at the number of candidates.
+    """
+    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # (N, M)
+    text_image = torch.as_tensor(text_image).long()
+    out = {}
+    for k in ks:
+        top_texts = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (N, k)
+        i2t = (text_image[top_texts] == torch.arange(sim.shape[0])[:, None]).any(1).double().mean()
+        top_images = sim.topk(min(k, sim.shape[0]), dim=0).indices  # (k, M)
+        t2i = (top_images == text_image[None]).any(0).double().mean()
+        out[f"image-to-text R@{k}"], out[f"text-to-image R@{k}"] = 100 * float(i2t), 100 * float(t2i)
+    return out

@@ -40,6 +40,11 @@ mis-paired files with one warning listing them, otherwise one ``DataError`` name
   ``{"image": result, "index"}``. ``decode_size`` (pixels, short side) enables fast reduced-scale
   JPEG decoding.
 
+- ``build_caption_datasets(root, format="auto", seed=42, skip_bad=False)`` -- image–caption
+  pairs (``gissl.data.captions``: ``captions.csv``, ROCO, MedSLIP ``selected_pairs.txt``, COCO
+  captions JSON), split by image: dict(train=, val=, test=) of ``[{"image", "captions", "size"}]``;
+  ``CaptionDataset(samples, views, tokenize)`` yields ``(*views, tokens (L,))`` for CLIP / SLIP.
+
 Readers (list of dict samples with file paths and ``"size": (W, H)``; validate pairing by name
 stem and every file's header up front):
 
@@ -83,7 +88,8 @@ Transforms (``gissl.data.transforms``): ``IMAGENET_MEAN``, ``IMAGENET_STD``, ``n
 Images (``gissl.data.images``): ``open_rgb(path, size=None)``, ``load_mask(path, size=None,
 resize=False)``, ``load_depth(path)`` (mm), ``check_image(path) -> (W, H)``,
 ``report_bad(problems, skip_bad, what)``.
-Synthetic data (``gissl.data.synthetic``): ``synthetic_root(dataset, num=None, seed=0)``,
+Synthetic data (``gissl.data.synthetic``, ``captions`` among them: HyperKvasir classes and polyp
+frames with captions saying what is drawn): ``synthetic_root(dataset, num=None, seed=0)``,
 ``generate(dataset, out, num=None, seed=0)``.
 """
 
@@ -92,3 +98,5 @@ from gissl.data.splits import split_indices, stratified_split_indices  # noqa: F
 from gissl.data.datasets import *  # noqa: F401,F403,E402
 from gissl.data.transforms import from_square, pad_boxes, unpad_boxes  # noqa: F401,E402
 from gissl.data.medical import MEDICAL_DATASETS, build_medical_datasets, read_medical  # noqa: F401,E402
+from gissl.data.captions import (CAPTION_FORMATS, CaptionDataset, build_caption_datasets,  # noqa: F401,E402
+                                 read_captions)

@@ -17,10 +17,13 @@ spots, erosion streaks, ...), see ``_CLASS_STYLES``; their colour varies per ima
 Formats (as downloaded): Kvasir-SEG ``images/*.jpg``, ``masks/*.jpg`` (RGB JPEG), ``kavsir_bboxes.json``;
 CVC-ClinicDB ``Original/N.tif``, ``Ground Truth/N.tif``; HyperKvasir
 ``labeled-images/<tract>/<category>/<class>/*.jpg``; HyperKvasir unlabelled: flat folder of JPEGs;
-C3VD ``<sequence>/<video>/{N}_color.png`` + ``{N}_depth.tiff`` (uint16, 0..65535 = 0..100 mm).
+C3VD ``<sequence>/<video>/{N}_color.png`` + ``{N}_depth.tiff`` (uint16, 0..65535 = 0..100 mm);
+captions: ``captions.csv`` (``image,caption``, two captions per image) + ``images/*.jpg``, HyperKvasir
+classes and polyp frames whose captions say what is drawn (class, polyp present, size, location).
 """
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -33,11 +36,12 @@ from PIL import Image
 from gissl.errors import UserError
 
 VERSION = 4  # bump when the rendering changes so cached copies are regenerated
-DATASETS = ("Kvasir", "CVC", "Hyperkvasir_anatomical", "Hyperkvasir_pathological", "Hyperkvasir_unlabelled", "C3VD")
+DATASETS = ("Kvasir", "CVC", "Hyperkvasir_anatomical", "Hyperkvasir_pathological", "Hyperkvasir_unlabelled", "C3VD",
+            "captions")
 # --num meaning per dataset: images (Kvasir, CVC, unlabelled), images per class (HyperKvasir),
-# frames per video (C3VD).
+# frames per video (C3VD), captioned images (captions).
 DEFAULT_NUM = {"Kvasir": 200, "CVC": 100, "Hyperkvasir_anatomical": 40, "Hyperkvasir_pathological": 40,
-               "Hyperkvasir_unlabelled": 300, "C3VD": 12}
+               "Hyperkvasir_unlabelled": 300, "C3VD": 12, "captions": 600}
 _C3VD_TRAIN_VIDEOS = ("cecum_t1_a_under_review/c1v1", "sigmoid_t3_a_under_review/s3v1",
                       "desc_t4_a_under_review/d4v1", "trans_t1_a_under_review/t1v1")
 
@@ -412,6 +416,63 @@ def _write_c3vd(out, num, rng):
             Image.fromarray(depth).save(os.path.join(folder, f"{n}_depth.tiff"))
 
 
+def class_phrase(name):
+    """A class folder name as words in a caption or prompt: ``"retroflex-rectum"`` -> ``"retroflex rectum"``."""
+    return name.replace("-", " ")
+
+
+def _where(cx, cy, w, h):
+    """Location words of a point in a w x h image: 'upper left' ... 'centre' ... 'lower right'."""
+    col = ("left", "", "right")[min(int(3 * cx / w), 2)]
+    row = ("upper", "", "lower")[min(int(3 * cy / h), 2)]
+    return " ".join(p for p in (row, col) if p) or "centre"
+
+
+def _polyp_captions(rng, mask, box, h, w):
+    area = mask.mean()
+    size = "small" if area < 0.075 else ("medium-sized" if area < 0.11 else "large")  # terciles
+    where = _where((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, w, h)
+    return [f"colonoscopy image of a {size} polyp in the {where} of the frame",
+            f"a {size} colorectal polyp, {where}, seen at colonoscopy"]
+
+
+def _class_captions(rng, subset, cls, tract):
+    words, organ = class_phrase(cls), "upper gi tract" if tract.startswith("upper") else "lower gi tract"
+    if subset == "anatomical":
+        first = [f"endoscopy image of the {words}", f"a view of the {words}, an anatomical landmark"]
+    else:
+        first = [f"endoscopy image showing {words}", f"pathological finding: {words}"]
+    second = f"{words} in the {organ}" + ("" if cls == "polyps" else ", no polyp")
+    return [first[int(rng.integers(2))], second]
+
+
+def _write_captions(out, num, rng):
+    """HyperKvasir-class frames (anatomical 40 %, pathological 35 %) and Kvasir-like polyp frames
+    (25 %), each with two captions naming what was drawn."""
+    from gissl.data.datasets import HYPERKVASIR_LAYOUT
+    os.makedirs(os.path.join(out, "images"))
+    rows = []
+    for i in range(num):
+        h, w = int(rng.integers(192, 224)), int(rng.integers(224, 256))
+        u = rng.random()
+        if u < 0.25:
+            img, mask, boxes = render_polyp_image(rng, h, w)
+            captions = _polyp_captions(rng, mask, boxes[0], h, w) if boxes else                 ["colonoscopy image of the colon wall, no polyp", "normal colon mucosa, no polyp"]
+        else:
+            subset = "anatomical" if u < 0.65 else "pathological"
+            label = int(rng.integers(len(HYPERKVASIR_LAYOUT[subset])))
+            tract, _, cls = HYPERKVASIR_LAYOUT[subset][label]
+            img = render_class_image(rng, h, w, subset, label)
+            captions = _class_captions(rng, subset, cls, tract)
+        name = f"images/{i:05d}.jpg"
+        Image.fromarray(img).save(os.path.join(out, name), quality=90)
+        rows += [(name, c) for c in captions]
+    with open(os.path.join(out, "captions.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
+
+
 def generate(dataset, out, num=None, seed=0):
     """Write ``dataset`` in its real on-disk format into ``out`` (created; must not exist or be
     empty). Deterministic in (dataset, num, seed). Returns ``out``."""
@@ -434,6 +495,8 @@ def generate(dataset, out, num=None, seed=0):
         _write_hyperkvasir(out, num, rng, "pathological")
     elif dataset == "Hyperkvasir_unlabelled":
         _write_unlabelled(out, num, rng)
+    elif dataset == "captions":
+        _write_captions(out, num, rng)
     else:
         _write_c3vd(out, num, rng)
     return out
@@ -481,7 +544,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder (created; must be new or empty)")
     p.add_argument("--num", type=int, default=None,
                    help="images (Kvasir, CVC, unlabelled), images per class (HyperKvasir) or frames per "
-                        f"video (C3VD); defaults {DEFAULT_NUM}")
+                        f"video (C3VD), captioned images (captions); defaults {DEFAULT_NUM}")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:

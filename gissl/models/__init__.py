@@ -37,7 +37,8 @@ PRETRAININGS = ("Hyperkvasir", "ImageNet_self", "ImageNet_class", "random")
 # Barlow Twins / SimSiam / FPSiam recipes and the reference use ResNets; MoCo v3 both). No
 # framework has a DenseNet recipe here, so every --ss-framework refuses densenet121.
 SS_FRAMEWORKS = {"mocov3": ("resnet", "vit"), "barlowtwins": ("resnet",), "mae": ("vit",),
-                 "simsiam": ("resnet",), "fpsiam": ("resnet",)}
+                 "simsiam": ("resnet",), "fpsiam": ("resnet",),
+                 "simclr": ("resnet", "vit"), "clip": ("resnet", "vit"), "slip": ("resnet", "vit")}
 
 # ImageNet-supervised weight files looked for in the torch hub cache, first found wins.
 # ResNet, DenseNet: torchvision's files (V1 first: the reference used V1, docs/ssl4gie-study.md §3.1).

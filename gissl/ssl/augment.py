@@ -66,14 +66,41 @@ def simsiam_views(image_size=224, min_scale=0.2, color=1.0):
     return Views(view, view)
 
 
+def _crop_view(image_size, min_scale, flip):
+    steps = [v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0),
+                                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    steps += [v2.RandomHorizontalFlip()] if flip else []
+    return v2.Compose(steps + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalize()])
+
+
 def mae_views(image_size=224, min_scale=0.2, color=1.0):
     """MAE §A.1: one view, crop scale U(0.2, 1) (bicubic) and flip only (``color`` unused)."""
-    return Views(v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0),
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalize(),
-    ]))
+    return Views(_crop_view(image_size, min_scale, flip=True))
+
+
+def _ssl_view(image_size, min_scale, color):
+    # SLIP §4 / its code (SimCLR's augmentation): crop U(0.08, 1), ColorJitter(0.4, 0.4, 0.4, 0.1)
+    # p=0.8, grayscale p=0.2, blur sigma U(0.1, 2) p=0.5, flip.
+    return _view(image_size, min_scale, (0.4, 0.4, 0.4, 0.1), 0.5, color=color)
+
+
+def simclr_views(image_size=224, min_scale=0.08, color=1.0):
+    """SimCLR's two views as SLIP trains them (crop U(0.08, 1), colour, grey, blur, flip)."""
+    view = _ssl_view(image_size, min_scale, color)
+    return Views(view, view)
+
+
+def clip_views(image_size=224, min_scale=0.5, color=1.0):
+    """CLIP's one view in SLIP: crop scale U(0.5, 1), nothing else (``color`` unused)."""
+    return Views(_crop_view(image_size, min_scale, flip=False))
+
+
+def slip_views(image_size=224, min_scale=0.08, color=1.0):
+    """SLIP: the CLIP view (crop U(0.5, 1)) and SimCLR's two views (crop U(``min_scale``, 1))."""
+    ssl = _ssl_view(image_size, min_scale, color)
+    return Views(_crop_view(image_size, 0.5, flip=False), ssl, ssl)
 
 
 VIEWS = {"mocov3": byol_views, "barlowtwins": byol_views, "mae": mae_views,
-         "simsiam": simsiam_views, "fpsiam": simsiam_views}
+         "simsiam": simsiam_views, "fpsiam": simsiam_views,
+         "simclr": simclr_views, "clip": clip_views, "slip": slip_views}

@@ -13,7 +13,8 @@ library ``http.server.ThreadingHTTPServer``: one thread per connection, no extra
 - ``POST /api/cases``: an image and its ``label`` -> the image is written under the cases folder,
   its descriptor added to the index, and index + metadata saved atomically.
 
-Every query is appended to a JSON-lines audit log (time, image SHA-256, neighbours, vote).
+Every query (time, image SHA-256, neighbours, vote) and every added case is appended to a
+JSON-lines audit log.
 
 Concurrency: handler threads decode and check the upload, then hand the (3, S, S) tensor to the
 one worker thread (:class:`Retriever`), which takes whatever else arrived within a short window,
@@ -266,8 +267,13 @@ def _write_case(path, data, reencode):
     os.replace(tmp, path)
 
 
+def _now():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 class AuditLog:
-    """Append-only JSON-lines file: one line per query, flushed and fsynced before the answer."""
+    """Append-only JSON-lines file: one line per query and per added case (``event``), flushed and
+    fsynced before the answer."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -322,8 +328,7 @@ class Service:
         for n in answer["neighbours"]:
             n["thumbnail"] = f"/thumb/{n['id']}"
         digest = hashlib.sha256(data).hexdigest()
-        self.audit.write({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "image_sha256": digest,
-                          "k": k, "neighbours": [[n["id"], n["reference"], n["label"], round(n["similarity"], 6)]
+        self.audit.write({"event": "query", "time": _now(), "image_sha256": digest, "k": k, "neighbours": [[n["id"], n["reference"], n["label"], round(n["similarity"], 6)]
                                                  for n in answer["neighbours"]],
                           "vote": answer["vote"]})
         return {"query": {"sha256": digest, "bytes": len(data)}, "k": k, **answer}
@@ -334,7 +339,10 @@ class Service:
             raise RequestError(400, "label must be 1-64 letters, digits, spaces or _ . ( ) + - (the diagnosis, "
                                     "e.g. adenoma), starting with a letter or digit")
         fmt = check_image(data, self.max_pixels)
-        return self.retriever.add_case(data, label, fmt)
+        added = self.retriever.add_case(data, label, fmt)
+        self.audit.write({"event": "add_case", "time": _now(), "image_sha256": hashlib.sha256(data).hexdigest(),
+                          **added})
+        return added
 
     def thumbnail(self, case_id):
         """JPEG bytes of gallery case ``case_id`` (an int string) or RequestError 404."""

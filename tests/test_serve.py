@@ -66,6 +66,7 @@ def test_query_equals_predict_retrieval(world, tmp_path, monkeypatch):
     import hashlib
     entry = next(a for a in audit if a["image_sha256"] == hashlib.sha256(data).hexdigest())
     assert entry["vote"] == want["vote"] and len(entry["neighbours"]) == 5 and entry["time"].endswith("Z")
+    assert entry["event"] == "query"
 
 
 def _png_claiming(width, height):
@@ -234,6 +235,8 @@ def test_added_case_persists_and_a_kill_during_the_save_leaves_a_loadable_index(
         server.stop()
     index_file = tmp_path / "svc" / "index.npz"
     assert DescriptorIndex.load(index_file, device="cpu").ntotal == 13
+    audit = [json.loads(line) for line in (tmp_path / "svc" / "audit.jsonl").read_text().splitlines()]
+    assert [(a["event"], a["id"], a["label"]) for a in audit] == [("add_case", 12, "sessile serrated")]
     server = Server(flags, prelude=SLOW_SAVE)  # restart: the case is still there
     try:
         status, answer = server.request("POST", "/api/query", new.getvalue(), {"Content-Type": "image/png"})

@@ -157,7 +157,7 @@ class Retriever:
         self.max_batch, self.window_s, self.timeout_s = max_batch, window_s, timeout_s
         self.index_lock = threading.Lock()  # search / add / save of the index
         self.jobs = queue.Queue()
-        self.batches = []  # sizes of the model batches run (for the tests and the log)
+        self.model_calls, self.largest_batch = 0, 0  # how well concurrent queries share model calls
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="gissl-retriever", daemon=True)
 
@@ -195,7 +195,7 @@ class Retriever:
         images = torch.stack([job.image for job in batch]).to(self.device)
         with autocast(self.device, self.amp):
             desc = self.model.descriptor(images, use_head=self.use_head).float().cpu().numpy()
-        self.batches.append(len(batch))
+        self.model_calls, self.largest_batch = self.model_calls + 1, max(self.largest_batch, len(batch))
         if self.index.transform is not None:
             desc = self.index.transform(desc)
         queries = [i for i, job in enumerate(batch) if job.k is not None]
@@ -317,8 +317,8 @@ class Service:
         index = self.retriever.index
         return {"cases": index.ntotal, "labels": list(index.label_names or []), "default_k": self.default_k,
                 "max_k": MAX_K, "max_upload_mb": self.max_upload_bytes / 2 ** 20, "index": index.kind,
-                "token_required": bool(self.token), "model_batches": len(self.retriever.batches),
-                "largest_batch": max(self.retriever.batches, default=0)}
+                "token_required": bool(self.token), "model_calls": self.retriever.model_calls,
+                "largest_batch": self.retriever.largest_batch}
 
     def query(self, data, k):
         if not 1 <= k <= MAX_K:

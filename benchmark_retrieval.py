@@ -181,7 +181,8 @@ def compare(args, n, sampler, queries, tune_queries, faiss_device):
         rec = recall_at_k(ids, exact_ids)
         param = {"hnsw": "efSearch"}.get(kind, "nprobe")
         rows.append({"gallery": n, "index": kind, "build_s": build, "queries_per_s": qps, "recall@10": rec,
-                     "speedup": qps / exact_qps, param: value, "nlist": index.params.get("nlist"),
+                     "speedup": qps / exact_qps, param: value,
+                     "nlist": None if kind == "hnsw" else index.params.get("nlist"),
                      "memory_mb": None if memory is None else memory / 2 ** 20, "on_gpu": index.on_gpu,
                      "meets_target": rec >= args.target_recall and qps / exact_qps >= 20})
         mem = "" if memory is None else f"  +{memory / 2 ** 20:,.0f} MB"

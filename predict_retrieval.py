@@ -18,7 +18,6 @@ ImageNet mean / std -> L2-normalised descriptors) that needs neither gissl nor t
 import json
 import os
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -138,24 +137,11 @@ def main(args):
         q = index.transform(q)
     k = min(args.k, index.ntotal)
     scores, ids = index.search(q, k)
-    labels = np.array(index.labels)
-    neighbour_labels = np.where(ids >= 0, labels[np.clip(ids, 0, None)], -1)
-    classes = index.label_names
-    preds, shares = R.neighbour_vote(neighbour_labels, scores, len(classes) if classes else None,
-                                     weighted=args.weighted_vote)
+    results = R.vote_results(index, scores, ids, weighted=args.weighted_vote)
     out_dir = cli.predictions_dir(args, name)
     os.makedirs(out_dir, exist_ok=True)
-    for i, path in enumerate(args.query):
-        name_of = (lambda c: classes[c] if classes and c >= 0 else None)
-        result = {
-            "query": os.path.abspath(path),
-            "neighbours": [{"rank": r, "reference": index.names[j], "label": name_of(int(neighbour_labels[i, r])),
-                            "similarity": float(scores[i, r])} for r, j in enumerate(ids[i]) if j >= 0],
-            "vote": {"prediction": name_of(int(preds[i])),
-                     "shares": {name_of(c): float(v) for c, v in enumerate(shares[i]) if v > 0 and classes},
-                     "weighted": bool(args.weighted_vote),
-                     "sentence": R.vote_sentence(neighbour_labels[i], int(preds[i]), classes)},
-        }
+    for path, answer in zip(args.query, results):
+        result = {"query": os.path.abspath(path), **answer}
         stem = os.path.splitext(os.path.basename(path))[0]
         with open(out_dir / f"{stem}.json", "w") as f:
             json.dump(result, f, indent=2)

@@ -129,8 +129,9 @@ def _first_sentence(e):
     return (str(e).splitlines() or [""])[0].split(". ")[0]
 
 
-def save_atomic(obj, path, before_replace=None):
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+def save_atomic(obj, path, before_replace=None, writer=None):
+    """``torch.save`` (or ``writer(obj, file)``) to a temporary file beside ``path``, fsync, then
+    rename over ``path``.
 
     Readers see either the previous file or the complete new one, never a partial file:
     a crash or a full disk leaves ``path`` as it was. A failed write removes its temporary
@@ -145,7 +146,7 @@ def save_atomic(obj, path, before_replace=None):
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            (writer or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         if before_replace is not None:

@@ -307,6 +307,36 @@ def vote_sentence(neighbour_labels, pred, class_names=None):
     return f"{int((neighbour_labels == pred).sum())} of {k} nearest cases were {name}"
 
 
+def vote_results(index, scores, ids, weighted=False):
+    """The JSON answer for each query of a gallery search (``predict_retrieval.py``'s file and the
+    retrieval service's reply): ``{"neighbours": [{"rank", "id", "reference", "label", "similarity"}],
+    "vote": {"prediction", "shares", "weighted", "sentence"}}`` per query.
+
+    index: a ``DescriptorIndex`` (its ``names``, ``labels``, ``label_names``); scores, ids: (Q, k)
+    from ``index.search``. ``id`` is the neighbour's position in the gallery, ``reference`` its name.
+    """
+    labels = np.array(index.labels, dtype=np.int64)
+    neighbour_labels = np.where(ids >= 0, labels[np.clip(ids, 0, None)], -1)
+    classes = index.label_names
+    preds, shares = neighbour_vote(neighbour_labels, scores, len(classes) if classes else None, weighted=weighted)
+
+    def name_of(c):
+        return classes[c] if classes and c >= 0 else None
+
+    out = []
+    for i in range(len(ids)):
+        out.append({
+            "neighbours": [{"rank": r, "id": int(j), "reference": index.names[j],
+                            "label": name_of(int(neighbour_labels[i, r])), "similarity": float(scores[i, r])}
+                           for r, j in enumerate(ids[i]) if j >= 0],
+            "vote": {"prediction": name_of(int(preds[i])),
+                     "shares": {name_of(c): float(v) for c, v in enumerate(shares[i]) if v > 0 and classes},
+                     "weighted": bool(weighted),
+                     "sentence": vote_sentence(neighbour_labels[i], int(preds[i]), classes)},
+        })
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared by train / eval / predict scripts
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 """
 import json
 import math
-import os
+import zipfile
 
 import numpy as np
 
@@ -259,16 +259,19 @@ class DescriptorIndex:
     # -- persistence -------------------------------------------------------------------------
     def save(self, path):
         """Write index, parameters, gallery names / labels and the descriptor transform to one
-        ``.npz`` file (no pickle; loadable with ``allow_pickle=False``)."""
+        ``.npz`` file (no pickle; loadable with ``allow_pickle=False``).
+
+        Atomic (``gissl.checkpoint.save_atomic``: temporary file, fsync, rename): a crash or a
+        kill during the save leaves the previous file loadable, never a partial one."""
+        from gissl.checkpoint import save_atomic
         faiss = _faiss()
         index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         meta = {"dim": self.dim, "kind": self.kind, "params": self.params, "names": self.names,
                 "labels": self.labels, "label_names": self.label_names,
                 "transform": None if self.transform is None else self.transform.state()}
-        tmp = f"{path}.tmp.npz"
-        np.savez(tmp, index=faiss.serialize_index(index),
-                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        os.replace(tmp, path)
+        arrays = {"index": faiss.serialize_index(index),
+                  "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        save_atomic(arrays, path, writer=lambda obj, f: np.savez(f, **obj))
 
     @classmethod
     def load(cls, path, device="auto"):
@@ -276,7 +279,7 @@ class DescriptorIndex:
         try:
             with np.load(path, allow_pickle=False) as f:
                 raw, meta = f["index"], json.loads(f["meta"].tobytes().decode())
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"cannot read retrieval index '{path}' ({e}); build one with "
                                   f"eval_retrieval.py --save-index or predict_retrieval.py --gallery DIR") from e
         self = cls.__new__(cls)

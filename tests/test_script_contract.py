@@ -130,7 +130,7 @@ def test_eval_and_predict_need_only_the_weights(task, roots, tmp_path, monkeypat
 SCRIPTS = ["train_segmentation", "eval_segmentation", "predict_segmentation", "train_depth", "eval_depth",
            "predict_depth", "train_classification", "eval_classification", "predict_classification",
            "train_detection", "eval_detection", "predict_detection", "train_retrieval", "eval_retrieval",
-           "predict_retrieval", "pretrain", "eval_transfer"]
+           "predict_retrieval", "serve_retrieval", "pretrain", "eval_transfer"]
 # export.py adds the task's model flags after --task: one parser per task
 HELP_CASES = [(name, []) for name in SCRIPTS] + [
     ("export", ["--task", task, "--output", "m.onnx"])

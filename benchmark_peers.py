@@ -300,6 +300,7 @@ def segmentation_pairs(arch, image_size, quick=True):
             return []
         ours = DeepLabV3Plus(build_encoder(arch, img_size=image_size), num_classes=1)
         theirs = smp.DeepLabV3Plus(encoder_name=arch, encoder_weights=None, classes=1)
+        ours.load_state_dict(theirs.state_dict())  # smp's names: the same weights on both sides
         out.append(("DeepLabV3+", ours, theirs))
     return out
 

@@ -99,8 +99,9 @@ def parse_multipart(body, content_type):
 
 
 def check_image(data, max_pixels):
-    """Decode-check an upload: returns its PIL format name. A non-image, a truncated image or one of
-    more than ``max_pixels`` pixels (decompression bomb) -> RequestError 400."""
+    """Header-check an upload: returns its PIL format name. A non-image or one of more than
+    ``max_pixels`` pixels (decompression bomb) -> RequestError 400. The pixels are decoded once,
+    by :func:`image_tensor`, which answers a truncated file with 400 too."""
     if not data:
         raise RequestError(400, "the image is empty")
     try:
@@ -110,7 +111,6 @@ def check_image(data, max_pixels):
             if w * h > max_pixels:
                 raise RequestError(400, f"the image has {w}x{h} pixels, more than the {max_pixels} allowed "
                                         "(--max-pixels); send a smaller image")
-            im.load()  # a truncated file fails here (PIL's LOAD_TRUNCATED_IMAGES stays off)
     except RequestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -77,3 +77,17 @@ def test_peers_section_runs_at_quick_sizes(tmp_path, capsys):
     evals = [r for r in rows if r["model"].startswith("eval ")]
     assert len(evals) == 3 and all(r["bare_images_per_s"] > 0 and r["eval_images_per_s"] > 0 for r in evals)
     assert "vs peer" in capsys.readouterr().out
+
+
+def test_gissl_and_smp_deeplab_compute_the_same_loss():
+    pytest.importorskip("segmentation_models_pytorch")
+    from gissl import segmentation as S
+    (decoder, ours, theirs), = P.segmentation_pairs("resnet18", 64)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": (torch.rand(2, 1, 64, 64, generator=g) > 0.7).float()}
+    ours.train(), theirs.train()
+    losses = []
+    for model in (ours, theirs):
+        torch.manual_seed(3)  # both have the ASPP dropout: the same draw on both sides
+        losses.append(sum(S.compute_losses(model, batch).values()).item())
+    assert decoder == "DeepLabV3+" and losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -273,7 +273,8 @@ def test_views_and_schedules():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
     for framework, make in VIEWS.items():
         views = make(SIZE)(img)
-        assert len(views) == (1 if framework == "mae" else 2)
+        # MAE and CLIP see one image; SLIP the CLIP view and two SSL views (Mu et al. 2022 §3)
+        assert len(views) == {"mae": 1, "clip": 1, "slip": 3}.get(framework, 2), framework
         assert all(v.shape == (3, SIZE, SIZE) and v.dtype == torch.float32 for v in views)
     # --color-strength 0: no colour transform at all (colour is diagnostic in endoscopy)
     plain = repr(VIEWS["mocov3"](SIZE, color=0.0).transforms[1])
@@ -285,6 +286,6 @@ def test_views_and_schedules():
     assert cosine_momentum(0.99, 0, 100) == pytest.approx(0.99)
     assert cosine_momentum(0.99, 50, 100) == pytest.approx(0.995)
     assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
-    assert set(FRAMEWORKS) == {"mocov3", "barlowtwins", "mae", "simsiam", "fpsiam"}
+    assert set(FRAMEWORKS) == {"mocov3", "barlowtwins", "mae", "simsiam", "fpsiam", "simclr", "clip", "slip"}
     with pytest.raises(Exception, match="does not train"):
         recipe("mae", "resnet18")

@@ -268,7 +268,8 @@ def run_child(out, cache, flags, kill_after=None):
 def test_search_killed_mid_point_resumes_to_the_uninterrupted_result(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("GISSL_CACHE", cache)
     flags = ("--steps", "4", "--eval-every-steps", "2", "--search", "--search-lrs", "0.1,0.01", "--search-wds", "0")
-    run_script(tmp_path / "whole", *flags)  # uninterrupted, in this process
+    # uninterrupted, in a child like the killed run: the same thread count gives the same float sums
+    assert run_child(tmp_path / "whole", cache, flags).returncode == 0
     killed = tmp_path / "killed"
     r = run_child(killed, cache, flags, kill_after=7)  # the second point's step 3, after its check at step 2
     assert r.returncode == -signal.SIGKILL, (r.stdout + r.stderr)[-3000:]

@@ -30,7 +30,7 @@ import torch
 
 from gissl import cli, dist
 from gissl import classification as cls
-from gissl.classification import build_datasets, dataset_paths, prediction_picture, to_display, write_predictions_csv
+from gissl.classification import dataset_paths, prediction_picture, to_display, write_predictions_csv
 from gissl.data import medical
 from gissl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gissl.optim import freeze
@@ -46,11 +46,10 @@ PROTOCOLS = ("linear", "knn", "fewshot", "invariance", "saliency", "reconstructi
 def get_args(argv=None):
     # the probed encoder is built from --checkpoint; there is no finetuned model (no --weights)
     p = cli.task_parser("transfer", "Evaluate a frozen pretrained encoder with representation probes", stage="eval",
-                        datasets=cls.CLASSIFICATION_DATASETS + medical.MEDICAL_DATASETS + ("captions",),
+                        datasets=cls.CLASSIFICATION_DATASETS + ("captions",),
                         default_batch_size=64, encoder_checkpoint=True,
                         weights=False)
     cls.add_arguments(p, "eval")
-    medical.add_dataset_arguments(p)
     p.add_argument("--protocol", default="linear", choices=PROTOCOLS,
                    help="linear probe, kNN, few-shot episodes, invariance to transforms, occlusion saliency, "
                         "or deep-image-prior reconstruction from the features")
@@ -154,8 +153,7 @@ def check_image_text(args):
 
 def check_transfer(args):
     check_image_text(args)
-    cls.check_dataset(args.dataset, args.data_root)
-    check_medical(args)
+    cls.check_dataset(args)
     if args.pretraining in ("Hyperkvasir", "ImageNet_self") and not (args.ss_framework and args.checkpoint):
         raise UserError(f"--pretraining {args.pretraining} needs --ss-framework and --checkpoint PATH")
     args.frozen = True  # the name says so: '...init-frozen_True-dataset_...'
@@ -164,43 +162,12 @@ def check_transfer(args):
     return args
 
 
-def check_medical(args):
-    if args.labels and args.dataset != "csv":
-        raise UserError(f"--labels is read by --dataset csv only, not --dataset {args.dataset}")
-    if args.dataset == "csv" and not args.labels:
-        raise UserError("--dataset csv needs --labels FILE.csv (one row per image: a path and a label column)")
-    if args.dataset == "csv" and not os.path.isfile(args.labels):
-        raise UserError(f"--labels '{args.labels}' does not exist")
-    if args.dataset in medical.READERS and not args.data_root:
-        raise UserError(f"--dataset {args.dataset} has no built-in synthetic copy: pass --data-root DIR, the folder "
-                        "as downloaded (layouts: docs/transfer-study.md, 'Datasets as downloaded')")
-    if args.dataset in medical.MEDICAL_DATASETS and args.split != "random":
-        raise UserError(f"--split {args.split} is for HyperKvasir and class folders; --dataset {args.dataset} is "
-                        "split by patient (docs/transfer-study.md, 'Datasets as downloaded'): drop --split")
-    args.classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
-
-
 def medical_identity(args):
     """What, besides the images, decides a medical dataset's labels (part of the feature cache key)."""
     if args.dataset not in medical.MEDICAL_DATASETS:
         return {}  # other datasets keep their cache keys
     return {"labels": [probes.checkpoint_identity(args.labels), args.path_column, args.label_column, args.label_kind,
                        args.classes, args.group_column, args.chexpert_uncertain]}
-
-
-def transfer_datasets(args):
-    """``(root, {split: dataset}, class names)`` for ``--dataset`` (a medical one split by patient)."""
-    if args.dataset not in medical.MEDICAL_DATASETS:
-        root = cli.data_root(args)
-        return (root, *build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
-                                      skip_bad=args.skip_bad_files, augment_train=False))
-    root = cli.data_root(args) if args.data_root else os.path.dirname(os.path.abspath(args.labels))
-    ds, classes = medical.build_medical_datasets(
-        args.dataset, root, image_size=args.image_size, seed=42, skip_bad=args.skip_bad_files, augment_train=False,
-        labels=args.labels, path_column=args.path_column, label_column=args.label_column,
-        label_kind=args.label_kind, classes=args.classes, group_column=args.group_column,
-        chexpert_uncertain=args.chexpert_uncertain)
-    return root, ds, classes
 
 
 def check_reconstruction(args):
@@ -276,8 +243,7 @@ def image_text(args, device, root, model=None):
         res.update({"Images": len(test), "Captions": len(captions)})
         print("  ".join(f"{k} {v:.2f}" for k, v in res.items()))
         return res, None
-    ds, classes = build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
-                                 skip_bad=args.skip_bad_files, augment_train=False)
+    _, ds, classes = cls.datasets(args, augment_train=False)
     names = [c.strip() for c in args.classnames.split(",")] if args.classnames else [class_phrase(c) for c in classes]
     if len(names) != len(classes):
         raise UserError(f"--classnames gives {len(names)} names; {args.dataset} has {len(classes)} classes "
@@ -304,7 +270,7 @@ def main(args, encoder=None):
             write_predictions_csv(args.save_predictions, dataset_paths(ds["test"]), f["labels"], probs)
             print(f"predictions: {args.save_predictions}")
         return res
-    root, ds, classes = transfer_datasets(args)
+    root, ds, classes = cls.datasets(args, augment_train=False)
     if encoder is None:
         encoder = build_frozen_encoder(args, device)
     else:

@@ -1,4 +1,5 @@
-"""Finetune an encoder + linear head to classify HyperKvasir images (or any class folders).
+"""Finetune an encoder + linear head to classify HyperKvasir images, class folders or the SSL-transfer
+study's medical datasets (`--dataset csv`, `CheXpert`, `EyePACS`, ...; split by patient).
 
 As SSL4GIE's ``Classification/train_classification.py`` (docs/ssl4gie-study.md §4.2): class-weighted
 cross-entropy, AdamW, model selection on validation macro F1; the class weights come from the
@@ -25,14 +26,13 @@ def get_args(argv=None):
     cli.check_args(args)
     cls.check_protocol(steps=args.steps, search=args.search, eval_every_steps=args.eval_every_steps,
                        early_stopping_patience=args.early_stopping_patience)
-    cls.check_dataset(args.dataset, args.data_root)
+    cls.check_dataset(args)
     return args
 
 
 def main(args):
     device = dist.init_distributed(args.device)
-    ds, classes = cls.build_datasets(args.dataset, cli.data_root(args), image_size=args.image_size,
-                                     split=args.split, seed=42, skip_bad=args.skip_bad_files, augment=args.augment)
+    _, ds, classes = cls.datasets(args, augment=args.augment)
     weights = cls.class_weights(ds["train"].labels, len(classes))
     if args.class_weights == "none":
         weights = weights.new_ones(len(classes))

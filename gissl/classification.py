@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from gissl.data import medical
 from gissl.engine import autocast
 from gissl.errors import UserError
 from gissl.pictures import heat_colours, text_font
 from gissl.probes import occlusion_map
 
-CLASSIFICATION_DATASETS = ("Hyperkvasir_anatomical", "Hyperkvasir_pathological", "folder")
+# HyperKvasir, any class folders, and the SSL-transfer study's medical datasets (csv + presets)
+CLASSIFICATION_DATASETS = ("Hyperkvasir_anatomical", "Hyperkvasir_pathological", "folder") + medical.MEDICAL_DATASETS
 VAL_METRICS = ("macro_f1", "accuracy", "balanced_accuracy")
 # Named recipes of train_classification.py: flag values that apply unless given on the command
 # line. transfer-finetune: the SSL-transfer study's finetune.py (docs/transfer-study.md §b.6).
@@ -71,6 +73,11 @@ def build_datasets(dataset, root, *, image_size=224, split="random", seed=42, sk
     """
     out, classes = _build_datasets(dataset, root, image_size=image_size, split=split, seed=seed, skip_bad=skip_bad,
                                    augment_train=augment_train)
+    return _with_augment(out, image_size, augment_train, augment), classes
+
+
+def _with_augment(out, image_size, augment_train, augment):
+    """``out`` with its train split under ``augment``'s transform (SSL4GIE's is the datasets' own)."""
     if augment == "transfer" and augment_train:
         from gissl import data
         tr = out["train"]
@@ -78,7 +85,7 @@ def build_datasets(dataset, root, *, image_size=224, split="random", seed=42, sk
                                                   transform=transfer_train_transform(image_size))
     elif augment != "ssl4gie":
         raise UserError(f"unknown --augment '{augment}'; choose ssl4gie or transfer")
-    return out, classes
+    return out
 
 
 def _build_datasets(dataset, root, *, image_size, split, seed, skip_bad, augment_train):
@@ -284,6 +291,7 @@ def add_arguments(parser, stage):
     parser.add_argument("--split", default="random", choices=["random", "stratified"],
                         help="random = SSL4GIE's unstratified 80/10/10 split (rare classes may miss val/test); "
                              "stratified = 80/10/10 within each class")
+    medical.add_dataset_arguments(parser)
     if stage == "train":
         _protocol_flags(parser)
     return parser
@@ -359,10 +367,47 @@ def check_protocol(*, steps, search, eval_every_steps, early_stopping_patience):
                         "transfer-finetune)")
 
 
-def check_dataset(dataset, data_root):
-    """``--dataset folder`` needs ``--data-root`` (there is no built-in class folder)."""
+def check_dataset(args):
+    """The dataset flags agree: ``--dataset folder`` and the medical presets need ``--data-root``
+    (there is no built-in copy), ``--dataset csv`` needs ``--labels``, and a medical dataset is
+    split by patient (no ``--split``). Parses ``--classes`` into a tuple."""
+    dataset, data_root = args.dataset, args.data_root
     if dataset == "folder" and not data_root:
         raise UserError("--dataset folder needs --data-root DIR holding one sub-folder per class")
+    labels = getattr(args, "labels", None)
+    if labels and dataset != "csv":
+        raise UserError(f"--labels is read by --dataset csv only, not --dataset {dataset}")
+    if dataset == "csv" and not labels:
+        raise UserError("--dataset csv needs --labels FILE.csv (one row per image: a path and a label column)")
+    if dataset == "csv" and not os.path.isfile(labels):
+        raise UserError(f"--labels '{labels}' does not exist")
+    if dataset in medical.READERS and not data_root:
+        raise UserError(f"--dataset {dataset} has no built-in synthetic copy: pass --data-root DIR, the folder "
+                        "as downloaded (layouts: docs/transfer-study.md, 'Datasets as downloaded')")
+    if dataset in medical.MEDICAL_DATASETS and getattr(args, "split", "random") != "random":
+        raise UserError(f"--split {args.split} is for HyperKvasir and class folders; --dataset {dataset} is "
+                        "split by patient (docs/transfer-study.md, 'Datasets as downloaded'): drop --split")
+    if isinstance(getattr(args, "classes", None), str):
+        args.classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) or None
+
+
+def datasets(args, *, augment_train=True, augment="ssl4gie"):
+    """``(root, {split: dataset}, class names)`` for the parsed dataset flags of a script
+    (``--dataset``, ``--data-root``, ``--split``, the medical ``--labels`` options; checked by
+    :func:`check_dataset`). A medical dataset is split by patient; without ``--data-root`` a
+    ``--dataset csv`` reads its paths relative to the label file's folder."""
+    from gissl import cli
+    if args.dataset not in medical.MEDICAL_DATASETS:
+        root = cli.data_root(args)
+        return (root, *build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
+                                      skip_bad=args.skip_bad_files, augment_train=augment_train, augment=augment))
+    root = cli.data_root(args) if args.data_root else os.path.dirname(os.path.abspath(args.labels))
+    ds, classes = medical.build_medical_datasets(
+        args.dataset, root, image_size=args.image_size, seed=42, skip_bad=args.skip_bad_files,
+        augment_train=augment_train, labels=args.labels, path_column=args.path_column,
+        label_column=args.label_column, label_kind=args.label_kind, classes=args.classes,
+        group_column=args.group_column, chexpert_uncertain=args.chexpert_uncertain)
+    return root, _with_augment(ds, args.image_size, augment_train, augment), classes
 
 
 def build_model(encoder, *, num_classes):

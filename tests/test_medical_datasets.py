@@ -136,3 +136,29 @@ def test_eval_transfer_reads_medical_datasets(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             cli.run(eval_transfer.main, eval_transfer.get_args)
         assert e.value.code == 2 and text in capsys.readouterr().err, bad
+
+
+def test_classification_scripts_read_medical_datasets(tmp_path, monkeypatch, capsys):
+    """The transfer study's finetune protocol on a medical dataset: train_classification.py with
+    --recipe transfer-finetune, then eval_classification.py on the same patient-wise test split."""
+    import eval_classification
+    import train_classification
+    monkeypatch.chdir(tmp_path)
+    trees.write_eyepacs(str(tmp_path / "e"))
+    common = ["--architecture", "resnet18", "--image-size", "32", "--workers", "0", "--output-dir", str(tmp_path / "t"),
+              "--dataset", "EyePACS", "--data-root", str(tmp_path / "e")]
+    monkeypatch.setattr(sys, "argv", ["train_classification.py", *common, "--recipe", "transfer-finetune",
+                                      "--steps", "4", "--eval-every-steps", "2", "--batch-size", "4"])
+    train_classification.main(train_classification.get_args())
+    out = capsys.readouterr().out
+    test_images = len(build_classification_datasets("EyePACS", str(tmp_path / "e"), image_size=32)["test"])
+    assert "EyePACS:" in out and f"/ {test_images} test images, 5 classes" in out
+    monkeypatch.setattr(sys, "argv", ["eval_classification.py", *common])
+    eval_classification.main(eval_classification.get_args())
+    text = (tmp_path / "eval_results.txt").read_text()
+    assert f"Test images: {test_images}" in text or f"Test images {test_images}" in text, text
+    for bad, msg in ((["--split", "stratified"], "split by patient"), (["--labels", "x.csv"], "--dataset csv only")):
+        monkeypatch.setattr(sys, "argv", ["eval_classification.py", *common, *bad])
+        with pytest.raises(SystemExit) as e:
+            cli.run(eval_classification.main, eval_classification.get_args)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, bad

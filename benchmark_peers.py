@@ -5,9 +5,22 @@
   engine's train loop vs the model a lightly user builds from lightly's heads and losses on a
   torchvision / timm backbone, in a plain loop as lightly's examples write it. Methods both
   have: Barlow Twins and SimSiam (ResNet), MoCo v3 (ResNet and ViT; lightly has its heads and
-  momentum utilities but no MoCo v3 loss, so that side uses the paper's Algorithm 1).
-  :func:`pretrain_pairs` gives each pair with equal weights, so the tests can check both
-  compute the same loss on the same batch (the comparison is fair).
+  momentum utilities but no MoCo v3 loss, so that side uses the paper's Algorithm 1), SimCLR
+  (ResNet and ViT, SLIP's form) and MAE (ViT, one view per image: its images per step are the
+  batch, not twice it). :func:`pretrain_pairs` gives each pair with equal weights, so the tests
+  can check both compute the same loss on the same batch (the comparison is fair).
+
+  The closest pairs where the layouts differ: lightly's ``SimCLRProjectionHead`` with 3 layers
+  (SimCLR v2) ends in a BatchNorm and a bias-free Linear, SLIP's head in a Linear with a bias and
+  no BatchNorm, so the lightly side builds SLIP's head from lightly's ``ProjectionHead`` blocks
+  (the class ``SimCLRProjectionHead`` is made of); its loss is lightly's ``NTXentLoss``, the same
+  function as gissl's (each view's anchors against the other view and the rest of their own
+  view, mean over both views). MAE follows lightly's ``examples/pytorch/mae.py``:
+  ``MaskedVisionTransformerTIMM`` + ``MaskedVisionTransformerDecoderTIMM`` (lightly 1.6 deprecates
+  ``MAEDecoderTIMM`` for it) + ``random_token_mask`` / ``get_at_index`` / ``patchify`` and
+  ``nn.MSELoss`` on the masked patches; each side draws its own random mask while timed (the
+  same number of kept patches), and :func:`gissl_mae_mask` hands gissl's draw to the lightly
+  side for the equality test.
 - **segmentation train step**: gissl's decoder vs segmentation-models-pytorch's on the same
   encoder (DeepLabV3+ on ResNets once gissl has it; DPT on ViTs).
 - **metrics**: per-image Dice / IoU at original resolution, binary AUROC and COCO mAP: gissl's
@@ -32,7 +45,8 @@ from gissl.engine import FitOptions, amp_dtype, to_channels_last, train_one_epoc
 from gissl.models import build_encoder, family
 
 # (framework, encoder family) pairs lightly can build; ViT MoCo v3 follows the paper's ViT heads.
-PRETRAIN_PAIRS = (("barlowtwins", "resnet"), ("simsiam", "resnet"), ("mocov3", "resnet"), ("mocov3", "vit"))
+PRETRAIN_PAIRS = (("barlowtwins", "resnet"), ("simsiam", "resnet"), ("mocov3", "resnet"), ("mocov3", "vit"),
+                  ("simclr", "resnet"), ("simclr", "vit"), ("mae", "vit"))
 
 
 def _bench():
@@ -105,7 +119,7 @@ class LightlyModel(nn.Module):
 
     def forward(self, x1, x2):
         h = self.heads
-        if self.framework == "barlowtwins":
+        if self.framework in ("barlowtwins", "simclr"):
             return self.criterion(h["projection"](self.backbone(x1)), h["projection"](self.backbone(x2)))
         if self.framework == "simsiam":
             z1, z2 = h["projection"](self.backbone(x1)), h["projection"](self.backbone(x2))
@@ -127,29 +141,116 @@ class LightlyModel(nn.Module):
         update_momentum(self.heads["projection"], self.projection_momentum, m)
 
 
+class LightlyMAE(nn.Module):
+    """MAE as lightly's example (``examples/pytorch/mae.py``) builds it on a timm ViT.
+
+    ``forward(images (N, 3, H, W), idx_keep=None, idx_mask=None) -> loss``: the MSE of the
+    predicted pixels of the masked patches. Without indices it draws lightly's
+    ``random_token_mask`` (the class token, index 0, always kept); with them it uses those
+    (:func:`gissl_mae_mask` gives gissl's).
+    """
+
+    def __init__(self, vit, *, mask_ratio, decoder_dim, decoder_depth, decoder_heads):
+        super().__init__()
+        from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
+        self.mask_ratio = mask_ratio
+        self.patch_size = vit.patch_embed.patch_size[0]
+        self.backbone = MaskedVisionTransformerTIMM(vit=vit)
+        self.sequence_length = self.backbone.sequence_length
+        self.decoder_embed = nn.Linear(vit.embed_dim, decoder_dim)
+        self.decoder = MaskedVisionTransformerDecoderTIMM(
+            num_patches=vit.patch_embed.num_patches, embed_dim=decoder_dim, depth=decoder_depth,
+            num_heads=decoder_heads, num_prefix_tokens=vit.num_prefix_tokens, mlp_ratio=4.0)
+        self.prediction_head = nn.Linear(decoder_dim, self.patch_size ** 2 * 3)
+        self.criterion = nn.MSELoss()
+
+    def forward(self, images, idx_keep=None, idx_mask=None):
+        from lightly.models import utils
+        if idx_keep is None:
+            idx_keep, idx_mask = utils.random_token_mask((images.shape[0], self.sequence_length),
+                                                         mask_ratio=self.mask_ratio, device=images.device)
+        x = self.decoder_embed(self.backbone.encode(images=images, idx_keep=idx_keep))
+        # the encoded tokens scattered into a full-length sequence; the decoder puts its mask
+        # token at the masked positions
+        full = x.new_zeros(x.shape[0], self.sequence_length, x.shape[-1])
+        full = utils.set_at_index(full, idx_keep, x.type_as(full))
+        pred = self.prediction_head(utils.get_at_index(self.decoder(full, idx_mask=idx_mask), idx_mask))
+        # token i > 0 is patch i - 1 (the class token comes first)
+        target = utils.get_at_index(utils.patchify(images, self.patch_size), idx_mask - 1)
+        return self.criterion(pred, target)
+
+
+def gissl_mae_mask(n, num_patches, mask_ratio):
+    """``(idx_keep (N, 1 + K), idx_mask (N, L - K))`` in lightly's token layout (the class token
+    at 0, kept; patch i at i + 1) of the mask gissl's MAE draws from the global RNG in its current
+    state: seed the RNG alike before this and before gissl's forward and both mask the same
+    patches, kept ones in the same order."""
+    from gissl.ssl.mae import random_masking
+    ids_keep, _, ids_restore = random_masking(n, num_patches, mask_ratio)
+    ids_masked = ids_restore.argsort(dim=1)[:, ids_keep.shape[1]:]  # argsort of ids_restore = the shuffle
+    return torch.cat([torch.zeros(n, 1, dtype=torch.long), ids_keep + 1], 1), ids_masked + 1
+
+
 def _head_dims(quick):
     """Head widths: the papers' (full) or a quarter-size set for --quick / tests."""
+    # MAE's decoder: 512-d, 8 blocks, 16 heads (He et al. 2022, §A.1); SimCLR's head: SLIP's
+    # 4096 hidden, 256 out
     return {"bt": (1024,) * 3 if quick else (8192,) * 3, "dim": 256 if quick else 2048,
-            "pred": 128 if quick else 512, "moco_mlp": 1024 if quick else 4096}
+            "pred": 128 if quick else 512, "moco_mlp": 1024 if quick else 4096,
+            "simclr_mlp": 1024 if quick else 4096, "simclr_dim": 256,
+            "mae_decoder": (128, 2, 4) if quick else (512, 8, 16)}
 
 
 def _gissl_model(framework, arch, image_size, dims):
     from gissl.models import vit_num_heads
     from gissl.ssl import build_ssl_model
     encoder = build_encoder(arch, img_size=image_size, num_heads=vit_num_heads(arch, framework))
+    decoder_dim, decoder_depth, decoder_heads = dims["mae_decoder"]
     kw = {"barlowtwins": dict(proj_dims=dims["bt"]), "simsiam": dict(dim=dims["dim"], pred_dim=dims["pred"]),
-          "mocov3": dict(mlp_dim=dims["moco_mlp"])}[framework]
+          "mocov3": dict(mlp_dim=dims["moco_mlp"]), "simclr": dict(mlp_dim=dims["simclr_mlp"], dim=dims["simclr_dim"]),
+          "mae": dict(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)}[framework]
     return build_ssl_model(framework, encoder, **kw)
 
 
+def _lightly_mae(ours, image_size):
+    """lightly's MAE holding ``ours``' weights (encoder, decoder, mask token, position embeddings)."""
+    from gissl.ssl.mae import sincos_pos_embed
+    vit = _reference_trunk(ours.encoder, image_size)
+    theirs = LightlyMAE(vit, mask_ratio=ours.mask_ratio, decoder_dim=ours.decoder_dim,
+                        decoder_depth=len(ours.decoder_blocks), decoder_heads=ours.decoder_blocks[0].attn.num_heads)
+    with torch.no_grad():
+        # lightly's wrapper re-initialises the ViT: gissl's weights (its fixed sin-cos
+        # positions included) go back in
+        theirs.backbone.vit.load_state_dict(ours.encoder.state_dict())
+        theirs.decoder_embed.load_state_dict(ours.decoder_embed.state_dict())
+        theirs.decoder.mask_token.copy_(ours.mask_token)
+        theirs.decoder.pos_embed.copy_(sincos_pos_embed(*ours.encoder.pos_grid, ours.decoder_dim))
+        theirs.decoder.blocks.load_state_dict(ours.decoder_blocks.state_dict())
+        theirs.decoder.norm.load_state_dict(ours.decoder_norm.state_dict())
+        theirs.prediction_head.load_state_dict(ours.decoder_pred.state_dict())
+    return theirs
+
+
 def _lightly_model(framework, ours, image_size):
-    from lightly.loss import BarlowTwinsLoss, NegativeCosineSimilarity
+    from lightly.loss import BarlowTwinsLoss, NegativeCosineSimilarity, NTXentLoss
     from lightly.models.modules import (BarlowTwinsProjectionHead, BYOLPredictionHead, MoCoProjectionHead,
                                         SimSiamPredictionHead, SimSiamProjectionHead)
+    from lightly.models.modules.heads import ProjectionHead
+    if framework == "mae":
+        return _lightly_mae(ours, image_size)
     backbone = _reference_trunk(ours.encoder, image_size)
     width = ours.encoder.embed_dim
-    lin = [m for m in ours.projector.modules() if isinstance(m, nn.Linear)]
-    if framework == "barlowtwins":
+    projector = ours.image_mlp if framework == "simclr" else ours.projector
+    lin = [m for m in projector.modules() if isinstance(m, nn.Linear)]
+    if framework == "simclr":
+        # SLIP's head (Linear-BN-ReLU twice, then a Linear with a bias): lightly's SimCLR v2 head
+        # would end in a BatchNorm instead, so it is built from lightly's ProjectionHead blocks
+        mlp_dim, dim = lin[0].out_features, lin[-1].out_features
+        heads = {"projection": ProjectionHead([(width, mlp_dim, nn.BatchNorm1d(mlp_dim), nn.ReLU()),
+                                               (mlp_dim, mlp_dim, nn.BatchNorm1d(mlp_dim), nn.ReLU()),
+                                               (mlp_dim, dim, None, None)])}
+        criterion = NTXentLoss(temperature=ours.temperature)
+    elif framework == "barlowtwins":
         heads = {"projection": BarlowTwinsProjectionHead(width, lin[0].out_features, lin[-1].out_features)}
         criterion = BarlowTwinsLoss(lambda_param=ours.lambd)
     elif framework == "simsiam":
@@ -169,7 +270,7 @@ def _lightly_model(framework, ours, image_size):
                  "prediction": predictor}
         criterion = None
     theirs = LightlyModel(framework, backbone, heads, criterion, getattr(ours, "temperature", None))
-    _copy_head(ours.projector, theirs.heads["projection"])
+    _copy_head(projector, theirs.heads["projection"])
     if "prediction" in theirs.heads:
         _copy_head(ours.predictor, theirs.heads["prediction"])
     if framework == "mocov3":
@@ -267,7 +368,8 @@ def _pretrain_rows(args, device, arch, size, batch):
     rows = []
     for fw, ours, theirs in pretrain_pairs(arch, size, quick=args.quick):
         g = torch.Generator().manual_seed(0)
-        views = tuple(torch.randn(batch, 3, size, size, generator=g) for _ in range(2))
+        n_views = 1 if fw == "mae" else 2  # MAE reconstructs one view of each image
+        views = tuple(torch.randn(batch, 3, size, size, generator=g) for _ in range(n_views))
 
         def make_steps(amp, dtype, fw=fw, ours=ours, theirs=theirs, views=views):
             m1 = to_channels_last(copy.deepcopy(ours).to(device), device)
@@ -277,7 +379,7 @@ def _pretrain_rows(args, device, arch, size, batch):
             return {"gissl": _gissl_step(m1, o1, views, device, amp),
                     "lightly": _plain_step(m2, o2, lambda m: m(*on_device), device, dtype)}
         # every view is an image through the encoder
-        rows += _timed_pair(args, device, f"pretrain {fw} {arch}", "lightly", make_steps, 2 * batch, batch, size)
+        rows += _timed_pair(args, device, f"pretrain {fw} {arch}", "lightly", make_steps, n_views * batch, batch, size)
     return rows
 
 

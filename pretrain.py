@@ -28,8 +28,6 @@ import argparse
 import functools
 import os
 
-import torch
-
 from gissl import cli, dist
 from gissl.checkpoint import save_atomic
 from gissl.data import UnlabelledDataset, build_unlabelled_dataset
@@ -174,9 +172,10 @@ def build_model(args, device, vocab_size=None):
     encoder = build_encoder(args.arch, args.pretraining, ss, args.checkpoint, img_size=args.image_size,
                             num_heads=vit_num_heads(args.arch, args.ss_framework))  # MoCo v3's ViT-S: 12
     model = build_ssl_model(args.ss_framework, encoder, **head_kwargs(args, vocab_size))
-    if dist.get_world_size() > 1 and device.type == "cuda":
-        # the heads' BatchNorm sees the global batch, as every method's paper (SyncBN)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dist.get_world_size() > 1:
+        # the heads' BatchNorm sees the global batch, as every method's paper (SyncBN), on CPU
+        # (gloo) ranks too: a run then trains the same weights whatever the number of processes
+        model = dist.convert_sync_batchnorm(model, device)
     return model.to(device)
 
 

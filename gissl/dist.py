@@ -127,3 +127,92 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_sum_with_grad(t):
+    """Sum of ``t`` over ranks whose gradient is also summed over ranks (``t`` itself without a
+    process group): the gradient of a rank's contribution to a statistic every rank uses."""
+    if not is_dist():
+        return t
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(t)
+
+
+
+class _GlobalBatchStats:
+    """BatchNorm that, in a CPU (gloo) training process under torchrun, normalises with the
+    statistics of the global batch; elsewhere (GPU, eval mode, one process) the torch layer it
+    is mixed into. Torch's ``SyncBatchNorm`` runs on GPUs only (and DDP refuses it on CPU): a
+    CPU rank would otherwise normalise with its own slice of the batch, and a 2-process run would
+    train other weights than one process on the same global batch.
+
+    The per-channel sums of x and x^2 and the count are summed over ranks in float64 with a
+    gradient that is itself summed over ranks (as the gathered embeddings of the contrastive
+    losses: DDP's averaging then gives the one-process gradient); the running statistics get
+    the unbiased variance and the momentum of ``F.batch_norm``.
+    """
+
+    def forward(self, x):
+        if not (self.training and x.device.type == "cpu" and get_world_size() > 1):
+            return super().forward(x)
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected (N, {self.num_features}, ...) input, got {tuple(x.shape)}")
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xd, c = x.double(), self.num_features
+        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / c])])
+        total = all_reduce_sum_with_grad(local)
+        count = total[-1].detach()
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+        y = ((xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)).to(
+            torch.promote_types(x.dtype, torch.float32))
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+class CpuSyncBatchNorm1d(_GlobalBatchStats, torch.nn.BatchNorm1d):
+    pass
+
+
+class CpuSyncBatchNorm2d(_GlobalBatchStats, torch.nn.BatchNorm2d):
+    pass
+
+
+class CpuSyncBatchNorm3d(_GlobalBatchStats, torch.nn.BatchNorm3d):
+    pass
+
+
+_CPU_SYNC = ((torch.nn.BatchNorm1d, CpuSyncBatchNorm1d), (torch.nn.BatchNorm2d, CpuSyncBatchNorm2d),
+             (torch.nn.BatchNorm3d, CpuSyncBatchNorm3d))
+
+
+def convert_sync_batchnorm(module, device):
+    """``module`` whose BatchNorm layers normalise with the global batch's statistics under
+    torchrun: ``torch.nn.SyncBatchNorm`` on GPUs, the ``CpuSyncBatchNorm*d`` layers on CPU
+    (same parameters, buffers and state-dict keys)."""
+    if torch.device(device).type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    for plain, synced in _CPU_SYNC:
+        if type(module) is plain:
+            out = synced(module.num_features, module.eps, module.momentum, module.affine,
+                         module.track_running_stats)
+            if module.affine:
+                out.weight, out.bias = module.weight, module.bias
+            out.running_mean, out.running_var = module.running_mean, module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, device))
+    return out

@@ -6,6 +6,8 @@ The SSL4GIE code scores every ratio as (x + ε) / (y + ε), ε = 1e-8. Where y =
 with no test sample and no prediction, which the reference averages into its macro F1).
 Here an undefined ratio is reported as such (NaN or a separate count), never as 1 or 2.
 """
+import math
+
 import numpy as np
 import torch
 
@@ -24,8 +26,11 @@ def segmentation_scores(pred, target):
     """
     p = pred.reshape(pred.shape[0], -1).bool()
     t = target.reshape(target.shape[0], -1).bool()
-    inter = (p & t).sum(1).double()
-    np_, nt = p.sum(1).double(), t.sum(1).double()
+    # count_nonzero of each flat row: several times faster than summing bools or counting along
+    # a dimension on CPU (a 1072x1280 original)
+    def counts(x):
+        return torch.tensor([int(torch.count_nonzero(row)) for row in x], dtype=torch.float64)
+    inter, np_, nt = counts(p & t), counts(p), counts(t)
     union = np_ + nt - inter
 
     def ratio(num, den):
@@ -61,19 +66,21 @@ def summarize_segmentation(per_image):
     return out
 
 
-def _median(x):
-    """np.median of a 1-D float array: the mean of the two middle values of an even count
-    (torch.median takes the lower one), NaN if any value is NaN, from one O(n) partition
-    around the upper middle (everything left of it is smaller, so the lower middle is their
-    maximum). Five times faster than np.median on a C3VD frame, which partitions around two
-    values and the end."""
-    n = x.size
-    if np.isnan(x).any():
+def _median(x, count=None, start=0):
+    """np.median of a 1-D float array, or of its ``count`` values from sorted place ``start`` on
+    when the other values are known to sort below them (depth_errors: the invalid pixels' zeros):
+    the mean of the two middle values of an even count (torch.median takes the lower one), NaN if
+    any value is NaN, from one O(n) partition around the upper middle (everything left of it is
+    smaller, so the lower middle is their maximum). Five times faster than np.median on a C3VD
+    frame, which partitions around two values and the end."""
+    n = x.size if count is None else count
+    if count is None and np.isnan(x).any():
         return float("nan")
-    part = np.partition(x, n // 2)
+    k = start + n // 2
+    part = np.partition(x, k)
     if n % 2:
-        return float(part[n // 2])
-    return float((part[: n // 2].max() + part[n // 2]) / 2)
+        return float(part[k])
+    return float((part[:k].max() + part[k]) / 2)
 
 
 def depth_errors(pred, target, valid=None):
@@ -86,34 +93,60 @@ def depth_errors(pred, target, valid=None):
     (RMSE of the best constant prediction, the frame's mean valid depth: a baseline any model
     must beat). Frames without a valid pixel get NaN. Each frame is computed alone, so the
     numbers do not depend on how frames are batched.
+
+    Everything is computed in the inputs' dtype (torch's float32 sums are cascaded, so their
+    relative error stays near 1e-7 on a frame), with invalid pixels zeroed rather than selected:
+    float64 inputs give the float64 formulas' values and float32 ones (an eval pass) agree with
+    them to ~1e-6 relative, at a fraction of the cost (a C3VD frame has 1.46 M pixels; widening and
+    selecting each frame in NumPy took several times the model's forward pass).
     """
-    # NumPy per frame: its boolean selection is four times faster than torch's on CPU
-    p = pred.detach().reshape(pred.shape[0], -1).cpu().numpy()
-    d = target.detach().reshape(target.shape[0], -1).cpu().numpy()
-    v = (d > 0) if valid is None else valid.detach().reshape(d.shape).bool().cpu().numpy()
+    n = pred.shape[0]
+    dtype = torch.promote_types(pred.dtype, target.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    p = pred.detach().reshape(n, -1).to(dtype)
+    d = target.detach().reshape(n, -1).to(dtype)
+    if valid is not None:  # invalid pixels as 0 ground truth, which the default rule (d > 0) skips
+        d = d.masked_fill(~valid.detach().reshape(d.shape).bool().to(d.device), 0)
     keys = ("rmse", "abs", "rel_median", "abs_rel", "delta1", "constant_rmse")
-    out = {k: np.full(p.shape[0], np.nan) for k in keys}
-    for i, (pi, di, vi) in enumerate(zip(p, d, v)):
-        if not vi.any():
-            continue
-        # Select in the input dtype, then widen: the same float64 values as widening the whole
-        # frame first, with a fraction of the memory traffic (a C3VD frame has 1.46 M pixels).
-        di = di[vi]
-        const = np.float64(di.dtype.type(di.mean(dtype=np.float64)))  # the constant, stored as di's dtype
-        pi, di = pi[vi].astype(np.float64), di.astype(np.float64)
-        err = np.abs(pi - di)
-        rel = err / di
-        out["rmse"][i] = np.sqrt(np.mean(err * err))
-        out["abs"][i] = err.mean()
-        out["rel_median"][i] = _median(rel)
-        out["abs_rel"][i] = rel.mean()
-        # max(p/d, d/p) < 1.25 without the second full-frame division: p/d < 1.25 and d/p < 1.25
-        # ⇔ 0.8 < p/d < 1.25 for p > 0 (p = 0 fails both forms)
-        ratio = pi / di
-        out["delta1"][i] = np.count_nonzero((ratio < 1.25) & (ratio > 0.8)) / ratio.size
-        c = di - const
-        out["constant_rmse"][i] = np.sqrt(np.mean(c * c))
-    return {k: torch.from_numpy(x) for k, x in out.items()}
+    rows = [_frame_depth_errors(pi, di) for pi, di in zip(p, d)]
+    return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in keys}
+
+
+def _frame_depth_errors(p, d):
+    """:func:`depth_errors` of one flat frame, valid where ``d > 0``. Float arithmetic only (a
+    mask m = sign(max(d, 0)) instead of boolean selection, which costs 4x a float pass), one
+    frame at a time so its 1.46 M pixels stay in cache."""
+    nan = float("nan")
+    if math.isnan(float(d.sum())):  # NaN ground truth is invalid (NaN > 0 is false): zero it first
+        d = torch.nan_to_num(d, nan=0.0, posinf=math.inf, neginf=-math.inf)
+    dz = d.clamp_min(0)
+    m = torch.sign(dz)                 # 1 on valid pixels, 0 elsewhere
+    count = float(m.sum())
+    if count == 0:
+        return dict.fromkeys(("rmse", "abs", "rel_median", "abs_rel", "delta1", "constant_rmse"), nan)
+    # invalid pixels: p = d = 0, so every term below is 0 there (a non-finite prediction on an
+    # invalid pixel must not leak in through 0 * inf = NaN)
+    pz = p * m if math.isfinite(float(p.sum())) else torch.where(m > 0, p, 0)
+    err = (pz - dz).abs_()
+    den = dz - m + 1                   # d on valid pixels, 1 elsewhere: no 0/0
+    rel = err / den
+    out = {"rmse": math.sqrt(float((err * err).sum()) / count), "abs": float(err.sum()) / count}
+    rel_sum = float(rel.sum())
+    out["abs_rel"] = rel_sum / count
+    # max(p/d, d/p) < 1.25 without the second full-frame division: p/d < 1.25 and d/p < 1.25
+    # ⇔ 0.8 < p/d < 1.25 for p > 0 (p = 0 fails both forms, as does every invalid pixel: 0/1)
+    ratio = pz.div_(den)
+    out["delta1"] = int(torch.count_nonzero((ratio < 1.25) & (ratio > 0.8))) / count
+    const = torch.tensor(float(dz.sum()) / count, dtype=d.dtype)  # the best constant, in d's dtype
+    c = (dz - const).mul_(m)
+    out["constant_rmse"] = math.sqrt(float((c * c).sum()) / count)
+    # the median of the valid errors: the invalid pixels' are 0, the smallest, so the valid ones
+    # take the sorted places from len - count on (a NaN error makes the sum and the median NaN)
+    start = rel.numel() - int(count)
+    out["rel_median"] = nan if math.isnan(rel_sum) else _median(rel.cpu().numpy(), int(count), start)
+    return out
+
 
 # ---- classification (helper: classification) ----
 from gissl.errors import UserError  # noqa: E402  (kept inside this section: shared file)

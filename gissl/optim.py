@@ -32,7 +32,8 @@ def param_groups(model_or_params, weight_decay):
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as used by Barlow Twins and MoCo v3 for ResNets: SGD with
     momentum whose update is scaled per tensor by ``eta * ||w|| / ||g + wd*w||``.
-    1-D parameters (biases, norms) get neither weight decay nor the trust ratio."""
+    1-D parameters (biases, norms) get neither weight decay nor the trust ratio. The step adds
+    the weight decay into ``p.grad`` in place (the gradient is consumed by the step)."""
 
     def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, eta=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
@@ -41,22 +42,31 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
+            lr, wd, momentum, eta = group["lr"], group["weight_decay"], group["momentum"], group["eta"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                if p.ndim > 1:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.norm(p), torch.norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                        group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                    g = g.mul(trust)
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(g)
-                p.add_(mu, alpha=-group["lr"])
+                mu, g = state["mu"], p.grad
+                if p.ndim > 1:
+                    # mu <- momentum * mu + trust * (g + wd * w), trust = eta ||w|| / ||g + wd w||.
+                    # In place where the grad may be reused (the engine drops it after the step):
+                    # each step used to allocate two parameter-sized temporaries, and fresh large
+                    # CPU allocations (page faults) made LARS 2x slower than the update itself.
+                    g = g.add_(p, alpha=wd) if wd else g
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    if p.device.type == "cpu":  # a host value costs nothing here: fuse the scaling
+                        w, gn = float(w_norm), float(g_norm)
+                        mu.mul_(momentum).add_(g, alpha=eta * w / gn if w > 0 and gn > 0 else 1.0)
+                    else:  # no host sync on accelerators
+                        trust = torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / g_norm,
+                                            torch.ones_like(w_norm))
+                        mu.mul_(momentum).add_(g * trust)
+                else:
+                    mu.mul_(momentum).add_(g)
+                p.add_(mu, alpha=-lr)
         return loss
 
 
@@ -64,7 +74,7 @@ def build_optimizer(model_or_params, lr, weight_decay=0.01, kind="adamw", **kwar
     """AdamW (the reference's optimiser, 1e-4), LARS or SGD over the trainable parameters.
 
     Parameters with ``requires_grad=False`` (a frozen encoder) are left out, and norms,
-    biases and tokens get no weight decay. AdamW uses the fused kernel where available.
+    biases and tokens get no weight decay. AdamW and SGD use the fused kernels where available.
     """
     groups = param_groups(model_or_params, weight_decay)
     if kind == "adamw":
@@ -75,10 +85,19 @@ def build_optimizer(model_or_params, lr, weight_decay=0.01, kind="adamw", **kwar
     if kind == "lars":
         return LARS(groups, lr=lr, **kwargs)
     if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=kwargs.pop("momentum", 0.9), **kwargs)
+        return _sgd(groups, lr=lr, momentum=kwargs.pop("momentum", 0.9), **kwargs)
     if kind == "sgd-nesterov":  # the SSL-transfer study's finetune optimiser (docs/transfer-study.md §b.6)
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, **kwargs)
+        return _sgd(groups, lr=lr, momentum=0.9, nesterov=True, **kwargs)
     raise UserError(f"unknown optimizer '{kind}'; choose from adamw, lars, sgd, sgd-nesterov")
+
+
+def _sgd(groups, **kwargs):
+    """torch's SGD with its fused kernel where available: on CPU torch's default is the per-tensor
+    loop, 4x slower on a ResNet-50 + Barlow Twins-sized parameter set (0.84 vs 0.20 s a step)."""
+    try:
+        return torch.optim.SGD(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.SGD(groups, foreach=True, **kwargs)
 
 
 def search_grid(learning_rates, weight_decays, wd_per_lr=True):

@@ -263,3 +263,48 @@ def test_fit_freezes_what_it_is_given_even_with_an_optimizer_built_before(tmp_pa
     assert not held & {id(p) for p in model.encoder.parameters()}
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(v, before[k]), k  # weights, running stats and num_batches_tracked
+
+
+def _lars_transcription(params, grads_per_step, lr, wd, momentum, eta):
+    """LARS as Barlow Twins' paper code defines it (You et al. 2017): d = g + wd*w and the trust
+    ratio eta*||w||/||d|| for tensors of 2+ dims only; mu <- momentum*mu + d; w <- w - lr*mu."""
+    ws = [p.detach().clone().double() for p in params]
+    mus = [torch.zeros_like(w) for w in ws]
+    for grads in grads_per_step:
+        for w, mu, g in zip(ws, mus, grads):
+            d = g.double()
+            if w.ndim > 1:
+                d = d + wd * w
+                wn, dn = w.norm(), d.norm()
+                d = d * (eta * wn / dn if wn > 0 and dn > 0 else 1.0)
+            mu.mul_(momentum).add_(d)
+            w.sub_(lr * mu)
+    return ws
+
+
+def test_lars_equals_the_paper_code_over_steps():
+    g = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 5, generator=g)), nn.Parameter(torch.randn(5, generator=g)),
+              nn.Parameter(torch.zeros(3, 3))]  # a zero weight: trust 1
+    steps = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(4)]
+    expected = _lars_transcription(params, steps, lr=0.3, wd=1e-2, momentum=0.9, eta=0.02)
+    opt = optim.LARS(params, lr=0.3, weight_decay=1e-2, momentum=0.9, eta=0.02)
+    for grads in steps:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_is_fused_and_equals_torch_default():
+    w = nn.Parameter(torch.randn(4, 3))
+    ref = nn.Parameter(w.detach().clone())
+    mine = optim.build_optimizer([w], 0.1, weight_decay=1e-3, kind="sgd-nesterov")
+    theirs = torch.optim.SGD([ref], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=False)
+    assert mine.defaults.get("fused") or mine.defaults.get("foreach")
+    for _ in range(3):
+        w.grad, ref.grad = torch.ones_like(w), torch.ones_like(ref)
+        mine.step()
+        theirs.step()
+    torch.testing.assert_close(w.detach(), ref.detach())

@@ -31,7 +31,7 @@ ENTRIES = ("epoch", "model_state_dict", "optimizer_state_dict", "scaler_state_di
            "test_perf", "py_state", "np_state", "torch_state")
 INPUT_SIZE = 224              # SSL4GIE's input side for classification, segmentation and depth
 DETECTION_MIN_SIZE = 800      # torchvision's resize of the ResNet detectors (docs/ssl4gie-study.md §2.3)
-VIT_DETECTION_SIZE = 1024     # the ViT detectors' canvas, fixed by their pyramid LayerNorms (§3.4)
+VIT_DETECTION_SIZE = 1024     # the ViT detectors' canvas, fixed by their LayerNorms (docs/ssl4gie-study.md §3.4)
 _VITS = {192: "vit_t", 384: "vit_s", 768: "vit_b", 1024: "vit_l"}
 _RESNETS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50"}
 # SSL4GIE's DPT_decoder names -> gissl.models.dpt.DPT names (refinenet4.resConfUnit1 is unused)

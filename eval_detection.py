@@ -30,7 +30,8 @@ def load(args, device):
     """The test split and the finetuned detector (eval mode; eval ``--compile`` compiles its
     backbone: the heads' data-dependent parts, proposal selection and NMS, would only break
     the graph). Shared with predict_detection.py."""
-    state, path = cli.finetuned(args, cli.model_flags(det.build_model, num_classes=None))
+    state, path = cli.finetuned(args, cli.model_flags(det.build_model, num_classes=None),
+                                legacy=det.LEGACY_SETTINGS)
     args.image_size = args.image_size or det.default_image_size(args.arch)
     cli.call(det.check_settings, args)
     ds = det.build_datasets(args.dataset, cli.data_root(args), architecture=args.arch, image_size=args.image_size,

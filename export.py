@@ -84,7 +84,13 @@ def load(args):
     elif task == "classification":
         state, path = cli.finetuned(args, ("split",))
     elif task == "detection":
-        state, path = cli.finetuned(args, cli.model_flags(det.build_model, num_classes=None))
+        state, path = cli.finetuned(args, cli.model_flags(det.build_model, num_classes=None),
+                                    legacy=det.LEGACY_SETTINGS)
+        if args.pyramid == "ssl4gie":
+            # its CLS-less windowed attention traces to zero-size reshapes that onnxruntime rejects
+            raise UserError(f"'{path}' is one of SSL4GIE's ViT detectors (--pyramid ssl4gie), which export.py "
+                            "does not write to ONNX; evaluate or draw it with eval_detection.py / "
+                            "predict_detection.py --weights FILE")
     else:
         state, path = cli.finetuned(args, cli.model_flags(module.build_model),
                                     legacy=depth.LEGACY_SETTINGS if task == "depth" else None)

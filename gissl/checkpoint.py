@@ -242,9 +242,11 @@ def _layout(obj, path, enc):
     if container == "teacher":
         return "dino", f"DINO main_dino.py training checkpoint (student/teacher{epoch})"
     if container == "model_state_dict":
-        from gissl.models.ssl4gie_checkpoints import task_of
+        from gissl.models.ssl4gie_checkpoints import is_vit_detector, task_of
         task = task_of(state) or "<task>"
-        return "ssl4gie-finetuned", f"SSL4GIE train_{task}.py finetuned checkpoint (model_state_dict{epoch}); " \
+        kind = ", a ViT detector: ViT + SSL4GIE's pyramid with LayerNorms over (C, H, W), 1024-px canvas " \
+               "(read as --pyramid ssl4gie)" if task == "detection" and is_vit_detector(state) else ""
+        return "ssl4gie-finetuned", f"SSL4GIE train_{task}.py finetuned checkpoint (model_state_dict{epoch}{kind}); " \
                                     f"eval_{task}.py / predict_{task}.py --weights FILE use the whole model"
     if container == "state_dict" and "pytorch-lightning_version" in top:
         return "lightning", f"PyTorch Lightning checkpoint (Lightning {top['pytorch-lightning_version']}{epoch}; " \

@@ -24,9 +24,14 @@ from gissl.errors import DataError, UserError
 from gissl.metrics import coco_map
 from gissl.models import is_vit
 from gissl.models.detection import FIXED_SIZE, WINDOW_SIZE, build_detector
+from gissl.models.ssl4gie_vitdet import build_ssl4gie_detector
 from gissl.pictures import save_picture, select_positions
 
 DATASETS = ["Kvasir", "coco"]
+PYRAMIDS = ["vitdet", "ssl4gie"]  # gissl's ViT detectors; SSL4GIE's (gissl.models.ssl4gie_vitdet)
+# gissl's own checkpoints store no --pyramid: train_detection.py builds ViTDet's (a given
+# --pyramid ssl4gie then contradicts the file instead of failing on its keys)
+LEGACY_SETTINGS = {"pyramid": "vitdet"}
 RESNET_MIN_SIZE, RESNET_MAX_SIZE = 800, 1333  # torchvision's resize (docs/ssl4gie-study.md §2.3, ResNet path)
 GT_COLOR, PRED_COLOR = (255, 234, 0), (0, 255, 0)  # the reference's yellow and green (docs/ssl4gie-study.md §6)
 
@@ -54,6 +59,12 @@ def add_arguments(parser, stage):
     g.add_argument("--roi-samples", dest="roi_samples", type=int, default=512,
                    help="proposals sampled per image to train the box head (torchvision's 512); "
                         "64-128 is plenty for one or two polyps per image and much faster")
+    if stage != "train":
+        g.add_argument("--pyramid", default="vitdet", choices=PYRAMIDS,
+                       help="the ViT detector's feature pyramid, read from the checkpoint: 'vitdet' = "
+                            "gissl's (ViTDet's per-channel LayerNorms, what train_detection.py builds), "
+                            "'ssl4gie' = SSL4GIE's released ViT detectors (LayerNorms over (C, H, W), "
+                            "1024-px canvas only, no CLS token)")
     if stage == "predict":
         g.add_argument("--threshold", type=float, default=0.5,
                        help="draw predictions with at least this score (the reference's 0.5)")
@@ -67,9 +78,14 @@ def default_image_size(architecture):
 
 
 def check_settings(*, arch, image_size, dataset, annotations, data_root, proposals, roi_samples,
-                   threshold=None):
+                   threshold=None, pyramid="vitdet"):
     """UserError for detection settings that cannot work, naming the flag (``arch``: the
     architecture)."""
+    # (a non-ViT --architecture is refused when the model is built: before the checkpoint is
+    # read, eval's --architecture is only the default)
+    if pyramid == "ssl4gie" and is_vit(arch) and image_size != FIXED_SIZE:
+        raise UserError(f"--image-size {image_size}: SSL4GIE's ViT detectors (--pyramid ssl4gie) work on the "
+                        f"{FIXED_SIZE}-px canvas only, their pyramid LayerNorms span (C, H, W); drop --image-size")
     if is_vit(arch) and image_size % 64:
         raise UserError(f"--image-size {image_size}: the ViT detector canvas must be a "
                         "multiple of 64 (e.g. 256, 512, 1024)")
@@ -101,12 +117,18 @@ def batchnorm_mode(batchnorm, pretraining):
 
 
 def build_model(encoder, *, num_classes, image_size, proposals, roi_samples, window_size, batchnorm,
-                pretraining, **kwargs):
+                pretraining, pyramid="vitdet", **kwargs):
     """The Faster R-CNN on ``encoder``: backbone and torchvision heads, ``num_classes`` with the
-    background. ``kwargs`` go to ``FasterRCNN``."""
+    background. ``pyramid="ssl4gie"``: SSL4GIE's ViT detector on the ``image_size`` canvas
+    (its released files, ``window_size`` and ``batchnorm`` unused). ``kwargs`` go to ``FasterRCNN``."""
     n = proposals
     kwargs = dict(rpn_pre_nms_top_n_train=n, rpn_post_nms_top_n_train=n, rpn_pre_nms_top_n_test=max(1, n // 2),
                   rpn_post_nms_top_n_test=max(1, n // 2), box_batch_size_per_image=roi_samples, **kwargs)
+    if pyramid == "ssl4gie":
+        model = build_ssl4gie_detector(encoder, num_classes=num_classes, canvas=image_size, **kwargs)
+        return model.to(memory_format=torch.channels_last)
+    if pyramid != "vitdet":
+        raise UserError(f"unknown pyramid {pyramid!r}; choose from {', '.join(PYRAMIDS)}")
     model = build_detector(encoder, num_classes=num_classes, batchnorm=batchnorm_mode(batchnorm, pretraining),
                            window_size=window_size, fixed_size=fixed_size(encoder.architecture, image_size),
                            min_size=image_size, max_size=round(image_size * RESNET_MAX_SIZE / RESNET_MIN_SIZE),

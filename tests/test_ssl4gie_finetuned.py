@@ -296,13 +296,14 @@ def test_resnet_faster_rcnn(tmp_path):
             torch.testing.assert_close(g[key], w[key], rtol=1e-4, atol=1e-3)
 
 
-def test_vit_detector_and_wrong_task_are_refused(tmp_path):
+def test_incomplete_vit_detector_and_wrong_task_are_refused(tmp_path):
+    # SSL4GIE's ViT detectors load (tests/test_ssl4gie_vitdet.py); one without its pyramid does not
     import eval_detection
     import eval_segmentation
     vit_det = {"backbone.blocks.0.attn.qkv.weight": torch.zeros(9, 3), "backbone.fpn.fpn1.1.weight": torch.zeros(1),
                "roi_heads.box_predictor.cls_score.weight": torch.zeros(2, 4)}
     path = _ssl4gie_file(tmp_path / "vit.pth", nn.Linear(1, 1), vit_det)
-    with pytest.raises(CheckpointError, match="SSL4GIE's ViT detectors"):
+    with pytest.raises(CheckpointError, match="not of a detection model .a ViT without SSL4GIE's ViTDet_FPN"):
         _gissl_model(eval_detection, detection, path, num_classes=2)
     ref = _ViTClassifier(3)
     path = _ssl4gie_file(tmp_path / "cls.pth", ref, ref.ssl4gie_state())

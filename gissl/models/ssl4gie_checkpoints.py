@@ -13,8 +13,9 @@ SSL4GIE's ``train_<task>.py`` saves ``{"epoch", "model_state_dict", "optimizer_s
 - depth: ResNet = the trunk at the top level with the residual decoder (``decoder_levels.*``,
   ``output_conv.*``, gissl's ``--decoder residual`` names); ViT = as segmentation, sigmoid head;
 - detection: ResNet = torchvision 0.10's ``fasterrcnn_resnet50_fpn`` (FrozenBatchNorm2d, the
-  FPN and RPN convs under their pre-0.13 names). Its ViT detectors (ViTDet-like pyramid with
-  LayerNorms over (C, H, W), 1024 px only) have no gissl counterpart and are refused.
+  FPN and RPN convs under their pre-0.13 names); ViT = the CLS-less ViT at ``backbone.``, its
+  ViTDet-like pyramid (LayerNorms over (C, H, W), 1024 px only) at ``backbone.fpn.``, rebuilt by
+  :mod:`gissl.models.ssl4gie_vitdet` (``--pyramid ssl4gie``).
 
 :func:`convert` renames such a file to gissl's finetuned layout ``{"model", "args", "epoch"}``,
 ``args`` holding the model flags the file implies (architecture, decoder, head, input size), so
@@ -30,6 +31,7 @@ ENTRIES = ("epoch", "model_state_dict", "optimizer_state_dict", "scaler_state_di
            "test_perf", "py_state", "np_state", "torch_state")
 INPUT_SIZE = 224              # SSL4GIE's input side for classification, segmentation and depth
 DETECTION_MIN_SIZE = 800      # torchvision's resize of the ResNet detectors (docs/ssl4gie-study.md §2.3)
+VIT_DETECTION_SIZE = 1024     # the ViT detectors' canvas, fixed by their LayerNorms (docs/ssl4gie-study.md §3.4)
 _VITS = {192: "vit_t", 384: "vit_s", 768: "vit_b", 1024: "vit_l"}
 _RESNETS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50"}
 # SSL4GIE's DPT_decoder names -> gissl.models.dpt.DPT names (refinenet4.resConfUnit1 is unused)
@@ -67,10 +69,14 @@ def task_of(state):
     return None
 
 
+def is_vit_detector(state):
+    """True for the ``model_state_dict`` of one of SSL4GIE's ViT detectors (a ViT at ``backbone.``)."""
+    return any(k.startswith("backbone.blocks.") for k in state) and any(k.startswith("roi_heads.") for k in state)
+
+
 def convert(obj, task, path):
     """SSL4GIE's checkpoint ``obj`` of ``task`` -> ``{"model": gissl state dict, "args": model flags,
-    "epoch", "source": "SSL4GIE"}``. Raises :class:`CheckpointError` for a file of another task or
-    SSL4GIE's ViT detectors."""
+    "epoch", "source": "SSL4GIE"}``. Raises :class:`CheckpointError` for a file of another task."""
     state = obj["model_state_dict"]
     if task == "classification":
         model, flags = _classification(state, path)
@@ -133,12 +139,8 @@ def _dpt_name(key, task):
 
 
 def _detection(state, path):
-    if any(k.startswith("backbone.blocks.") for k in state):
-        raise CheckpointError(
-            f"'{path}' is one of SSL4GIE's ViT detectors, whose feature pyramid normalises over (C, H, W) "
-            "with LayerNorms fixed to 1024-px inputs; gissl's ViT detectors use per-channel LayerNorms "
-            "(ViTDet's), so these weights do not fit. SSL4GIE's ResNet-50 detectors load; ViT ones must be "
-            "retrained with train_detection.py")
+    if is_vit_detector(state):
+        return _vit_detection(state, path)
     if "backbone.body.conv1.weight" not in state:
         raise _wrong_task(state, "detection", path)
     model = {}
@@ -150,6 +152,33 @@ def _detection(state, path):
     # FrozenBatchNorm2d, as torchvision built every ResNet detector then (docs/ssl4gie-study.md §8 item 19)
     return model, {"arch": _architecture({"encoder." + k: v for k, v in inner.items()}, path),
                    "batchnorm": "frozen", "image_size": DETECTION_MIN_SIZE}
+
+
+def _vit_detection(state, path):
+    """SSL4GIE's ViT detector -> gissl.models.ssl4gie_vitdet's names: the ViT under
+    ``backbone.body.``, its pyramid (``backbone.fpn.fpn1``..``fpn4``) and the torchvision heads as
+    they are (RPN conv renamed from torchvision 0.10), MAE's unused ``decoder_pos_embed`` dropped."""
+    ln = state.get("backbone.fpn.fpn2.1.weight")
+    if ln is None or ln.dim() != 3 or "backbone.patch_embed.proj.weight" not in state:
+        raise _wrong_task(state, "detection", path, "a ViT without SSL4GIE's ViTDet_FPN pyramid")
+    if tuple(ln.shape[1:]) != (VIT_DETECTION_SIZE // 16,) * 2:
+        raise CheckpointError(f"'{path}' holds a ViT detector whose pyramid LayerNorms are {tuple(ln.shape)}; "
+                              f"SSL4GIE's are made for the {VIT_DETECTION_SIZE}-px canvas "
+                              f"({(256, VIT_DETECTION_SIZE // 16, VIT_DETECTION_SIZE // 16)}): pass the file "
+                              "SSL4GIE's train_detection.py wrote")
+    model = {}
+    for k, v in state.items():
+        if k == "backbone.decoder_pos_embed":
+            continue
+        if k.startswith("backbone.") and not k.startswith("backbone.fpn."):
+            k = "backbone.body." + k[len("backbone."):]
+        for pattern, replacement in _TORCHVISION_010:
+            k = re.sub(pattern, replacement, k)
+        model[k] = v
+    inner = {"encoder." + k[len("backbone.body."):]: v for k, v in model.items() if k.startswith("backbone.body.")}
+    # the window size is SSL4GIE's (16 tokens); stored so that a contradicting --window-size is refused
+    return model, {"arch": _architecture(inner, path), "pyramid": "ssl4gie", "window_size": 16,
+                   "image_size": VIT_DETECTION_SIZE}
 
 
 def _architecture(model, path):

@@ -289,3 +289,26 @@ def test_views_and_schedules():
     assert set(FRAMEWORKS) == {"mocov3", "barlowtwins", "mae", "simsiam", "fpsiam", "simclr", "clip", "slip"}
     with pytest.raises(Exception, match="does not train"):
         recipe("mae", "resnet18")
+
+
+def test_encode_views_is_one_pass_only_where_that_is_the_same_function():
+    """A ViT (no BatchNorm) encodes both views in one pass with the outputs of two; a ResNet in
+    training mode normalises over its batch, so it keeps one pass per view (equal to calling it
+    on each view: the papers' code)."""
+    import torch
+    from gissl.models import build_encoder
+    from gissl.ssl.views import encode_views
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    vit = build_encoder("vit_t", img_size=32).train()
+    calls = []
+    hook = vit.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    h1, h2 = encode_views(vit, x1, x2)
+    hook.remove()
+    assert calls == [6]
+    torch.testing.assert_close(h1, vit(x1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h2, vit(x2), rtol=1e-4, atol=1e-5)
+    resnet = build_encoder("resnet18").train()
+    r1, r2 = encode_views(resnet, x1, x2)
+    torch.testing.assert_close(r1, resnet(x1))
+    torch.testing.assert_close(r2, resnet(x2))

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from gissl.losses import clip_contrastive, simclr
 from gissl.ssl.mlp import mlp
+from gissl.ssl.views import encode_views
 
 # CLIP §2.5: the temperature starts at 0.07 and the logit scale is clipped at 100 (SLIP clamps
 # its log to [0, ln 100] after every optimiser step).
@@ -40,7 +41,8 @@ class SimCLR(nn.Module):
         self.image_mlp = simclr_head(encoder.embed_dim, mlp_dim, dim)
 
     def ssl_loss(self, x1, x2):
-        z1, z2 = self.image_mlp(self.encoder(x1)), self.image_mlp(self.encoder(x2))
+        h1, h2 = encode_views(self.encoder, x1, x2)  # the head's BatchNorm still sees each view alone
+        z1, z2 = self.image_mlp(h1), self.image_mlp(h2)
         return simclr(z1, z2, self.temperature)
 
     def forward(self, x1, x2):

@@ -10,6 +10,7 @@ import torch.nn as nn
 from gissl.losses import infonce
 from gissl.ssl.mae import set_sincos_pos_embed
 from gissl.ssl.mlp import mlp
+from gissl.ssl.views import encode_views
 
 
 class MoCoV3(nn.Module):
@@ -45,11 +46,11 @@ class MoCoV3(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, x1, x2):
-        q1 = self.predictor(self.projector(self.encoder(x1)))
-        q2 = self.predictor(self.projector(self.encoder(x2)))
+        h1, h2 = encode_views(self.encoder, x1, x2)  # the heads' BatchNorm still sees each view alone
+        q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))
         with torch.no_grad():
-            k1 = self.momentum_projector(self.momentum_encoder(x1))
-            k2 = self.momentum_projector(self.momentum_encoder(x2))
+            m1, m2 = encode_views(self.momentum_encoder, x1, x2)
+            k1, k2 = self.momentum_projector(m1), self.momentum_projector(m2)
         t = self.temperature
         # Alg. 1: ctr(q1, k2) + ctr(q2, k1), each scaled by 2 * tau.
         return {"infonce": 2 * t * (infonce(q1, k2, t) + infonce(q2, k1, t))}

@@ -129,7 +129,7 @@ def _frame_depth_errors(p, d):
     # invalid pixel must not leak in through 0 * inf = NaN)
     pz = p * m if math.isfinite(float(p.sum())) else torch.where(m > 0, p, 0)
     err = (pz - dz).abs_()
-    den = dz - m + 1                   # d on valid pixels, 1 elsewhere: no 0/0
+    den = (dz - m).add_(1)             # d on valid pixels, 1 elsewhere: no 0/0
     rel = err / den
     out = {"rmse": math.sqrt(float((err * err).sum()) / count), "abs": float(err.sum()) / count}
     rel_sum = float(rel.sum())

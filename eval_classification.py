@@ -17,14 +17,14 @@ def get_args(argv=None):
     p = cli.task_parser("classification", "Evaluate fine-tuned classification model", stage="eval",
                         datasets=cls.CLASSIFICATION_DATASETS)
     args = cli.parse(cls.add_arguments(p, "eval"), argv)
-    cls.check_dataset(args)
+    cli.check_classification_dataset(args)
     return args
 
 
 def load(args, device):
     """The datasets, class names and the finetuned classifier (shared with predict_classification.py)."""
     state, path = cli.finetuned(args, ("split",))
-    _, ds, classes = cls.datasets(args)
+    _, ds, classes = cli.classification_datasets(args)
     model = cli.finetuned_model(args, cls.build_model, state, path, device, dict(img_size=args.image_size),
                                 num_classes=len(classes))
     return ds, classes, model

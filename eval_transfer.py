@@ -153,7 +153,7 @@ def check_image_text(args):
 
 def check_transfer(args):
     check_image_text(args)
-    cls.check_dataset(args)
+    cli.check_classification_dataset(args)
     if args.pretraining in ("Hyperkvasir", "ImageNet_self") and not (args.ss_framework and args.checkpoint):
         raise UserError(f"--pretraining {args.pretraining} needs --ss-framework and --checkpoint PATH")
     args.frozen = True  # the name says so: '...init-frozen_True-dataset_...'
@@ -243,7 +243,7 @@ def image_text(args, device, root, model=None):
         res.update({"Images": len(test), "Captions": len(captions)})
         print("  ".join(f"{k} {v:.2f}" for k, v in res.items()))
         return res, None
-    _, ds, classes = cls.datasets(args, augment_train=False)
+    _, ds, classes = cli.classification_datasets(args, augment_train=False)
     names = [c.strip() for c in args.classnames.split(",")] if args.classnames else [class_phrase(c) for c in classes]
     if len(names) != len(classes):
         raise UserError(f"--classnames gives {len(names)} names; {args.dataset} has {len(classes)} classes "
@@ -270,7 +270,7 @@ def main(args, encoder=None):
             write_predictions_csv(args.save_predictions, dataset_paths(ds["test"]), f["labels"], probs)
             print(f"predictions: {args.save_predictions}")
         return res
-    root, ds, classes = cls.datasets(args, augment_train=False)
+    root, ds, classes = cli.classification_datasets(args, augment_train=False)
     if encoder is None:
         encoder = build_frozen_encoder(args, device)
     else:

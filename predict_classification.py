@@ -19,7 +19,7 @@ def get_args(argv=None):
     p = cli.task_parser("classification", "Make predictions with fine-tuned classification model",
                         stage="predict", datasets=cls.CLASSIFICATION_DATASETS)
     args = cli.parse(cls.add_arguments(p, "predict"), argv)
-    cls.check_dataset(args)
+    cli.check_classification_dataset(args)
     return args
 
 

@@ -26,13 +26,13 @@ def get_args(argv=None):
     cli.check_args(args)
     cls.check_protocol(steps=args.steps, search=args.search, eval_every_steps=args.eval_every_steps,
                        early_stopping_patience=args.early_stopping_patience)
-    cls.check_dataset(args)
+    cli.check_classification_dataset(args)
     return args
 
 
 def main(args):
     device = dist.init_distributed(args.device)
-    _, ds, classes = cls.datasets(args, augment=args.augment)
+    _, ds, classes = cli.classification_datasets(args, augment=args.augment)
     weights = cls.class_weights(ds["train"].labels, len(classes))
     if args.class_weights == "none":
         weights = weights.new_ones(len(classes))

@@ -367,14 +367,12 @@ def check_protocol(*, steps, search, eval_every_steps, early_stopping_patience):
                         "transfer-finetune)")
 
 
-def check_dataset(args):
+def check_dataset(dataset, data_root, *, labels=None, split="random"):
     """The dataset flags agree: ``--dataset folder`` and the medical presets need ``--data-root``
     (there is no built-in copy), ``--dataset csv`` needs ``--labels``, and a medical dataset is
-    split by patient (no ``--split``). Parses ``--classes`` into a tuple."""
-    dataset, data_root = args.dataset, args.data_root
+    split by patient (no ``--split``)."""
     if dataset == "folder" and not data_root:
         raise UserError("--dataset folder needs --data-root DIR holding one sub-folder per class")
-    labels = getattr(args, "labels", None)
     if labels and dataset != "csv":
         raise UserError(f"--labels is read by --dataset csv only, not --dataset {dataset}")
     if dataset == "csv" and not labels:
@@ -384,30 +382,22 @@ def check_dataset(args):
     if dataset in medical.READERS and not data_root:
         raise UserError(f"--dataset {dataset} has no built-in synthetic copy: pass --data-root DIR, the folder "
                         "as downloaded (layouts: docs/transfer-study.md, 'Datasets as downloaded')")
-    if dataset in medical.MEDICAL_DATASETS and getattr(args, "split", "random") != "random":
-        raise UserError(f"--split {args.split} is for HyperKvasir and class folders; --dataset {dataset} is "
+    if dataset in medical.MEDICAL_DATASETS and split != "random":
+        raise UserError(f"--split {split} is for HyperKvasir and class folders; --dataset {dataset} is "
                         "split by patient (docs/transfer-study.md, 'Datasets as downloaded'): drop --split")
-    if isinstance(getattr(args, "classes", None), str):
-        args.classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) or None
 
 
-def datasets(args, *, augment_train=True, augment="ssl4gie"):
-    """``(root, {split: dataset}, class names)`` for the parsed dataset flags of a script
-    (``--dataset``, ``--data-root``, ``--split``, the medical ``--labels`` options; checked by
-    :func:`check_dataset`). A medical dataset is split by patient; without ``--data-root`` a
-    ``--dataset csv`` reads its paths relative to the label file's folder."""
-    from gissl import cli
-    if args.dataset not in medical.MEDICAL_DATASETS:
-        root = cli.data_root(args)
-        return (root, *build_datasets(args.dataset, root, image_size=args.image_size, split=args.split,
-                                      skip_bad=args.skip_bad_files, augment_train=augment_train, augment=augment))
-    root = cli.data_root(args) if args.data_root else os.path.dirname(os.path.abspath(args.labels))
-    ds, classes = medical.build_medical_datasets(
-        args.dataset, root, image_size=args.image_size, seed=42, skip_bad=args.skip_bad_files,
-        augment_train=augment_train, labels=args.labels, path_column=args.path_column,
-        label_column=args.label_column, label_kind=args.label_kind, classes=args.classes,
-        group_column=args.group_column, chexpert_uncertain=args.chexpert_uncertain)
-    return root, _with_augment(ds, args.image_size, augment_train, augment), classes
+def datasets(dataset, root, *, image_size=224, split="random", skip_bad=False, augment_train=True,
+             augment="ssl4gie", medical_options=None):
+    """``({split: dataset}, class names)`` of any classification ``dataset``: HyperKvasir and
+    class folders as :func:`build_datasets`, a medical one (``gissl.data.medical``, its
+    ``read_medical`` keywords in ``medical_options``) split by patient."""
+    if dataset not in medical.MEDICAL_DATASETS:
+        return build_datasets(dataset, root, image_size=image_size, split=split, skip_bad=skip_bad,
+                              augment_train=augment_train, augment=augment)
+    ds, classes = medical.build_medical_datasets(dataset, root, image_size=image_size, seed=42, skip_bad=skip_bad,
+                                                 augment_train=augment_train, **(medical_options or {}))
+    return _with_augment(ds, image_size, augment_train, augment), classes
 
 
 def build_model(encoder, *, num_classes):

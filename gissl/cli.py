@@ -241,6 +241,35 @@ def predictions_dir(args, dataset=None):
     return Path("Predictions") / f"{args.task}-{dataset or args.dataset}"
 
 
+def check_classification_dataset(args):
+    """:func:`gissl.classification.check_dataset` of the parsed flags; ``--classes`` becomes a tuple."""
+    from gissl.classification import check_dataset
+    check_dataset(args.dataset, args.data_root, labels=getattr(args, "labels", None),
+                  split=getattr(args, "split", "random"))
+    if isinstance(getattr(args, "classes", None), str):
+        args.classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) or None
+
+
+def classification_datasets(args, augment_train=True, augment="ssl4gie"):
+    """``(root, {split: dataset}, class names)`` for the classification dataset flags (a medical
+    dataset split by patient; without ``--data-root`` a ``--dataset csv`` reads its paths relative
+    to the label file's folder)."""
+    from gissl.classification import datasets
+    from gissl.data.medical import MEDICAL_DATASETS
+    options = None
+    if args.dataset in MEDICAL_DATASETS:
+        root = data_root(args) if args.data_root else os.path.dirname(os.path.abspath(args.labels))
+        options = dict(labels=args.labels, path_column=args.path_column, label_column=args.label_column,
+                       label_kind=args.label_kind, classes=args.classes, group_column=args.group_column,
+                       chexpert_uncertain=args.chexpert_uncertain)
+    else:
+        root = data_root(args)
+    ds, classes = datasets(args.dataset, root, image_size=args.image_size, split=args.split,
+                           skip_bad=args.skip_bad_files, augment_train=augment_train, augment=augment,
+                           medical_options=options)
+    return root, ds, classes
+
+
 def data_root(args, dataset=None):
     """``--data-root``, or the built-in synthetic copy of ``--dataset`` (made once, cached)."""
     if args.data_root:

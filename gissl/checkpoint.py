@@ -23,6 +23,12 @@ from gissl.errors import CheckpointError
 
 # what to do about a file that is cut short or is something else under a checkpoint's name
 _AGAIN = "copy or download it again, or pass the path of the right file"
+# SSCD's backbone names (sscd/models/model.py Backbone) for the gissl architecture a file holds.
+# Its TV_RESNEXT101 is torchvision's resnext101_32x8d, not gissl's 32x4d: SSCD releases its
+# ResNeXt (sscd_disc_large) as CV_RESNEXT101 only, so a torchvision-layout 32x4d is a conversion.
+_SSCD_BACKBONES = {("CV", "resnet18"): "CV_RESNET18", ("CV", "resnet50"): "CV_RESNET50",
+                   ("CV", "resnext101_32x4d"): "CV_RESNEXT101",
+                   ("TV", "resnet18"): "TV_RESNET18", ("TV", "resnet50"): "TV_RESNET50"}
 # Plain-data classes that official training scripts pickle beside the weights, allowed on top
 # of torch's weights-only set: MAE's, DINO's and EndoFinder's checkpoints store their
 # command line as 'args': argparse.Namespace(...) (a bag of attributes; unpickling one only
@@ -94,7 +100,8 @@ def load_file(path):
             "*.torchscript.pt), not a checkpoint of weights; gissl loads weights only and never runs a "
             "file's code. A descriptor model of this kind is used as it is by eval_retrieval.py / "
             "predict_retrieval.py --descriptor-model FILE. Otherwise use the plain weights file of the same model instead (SSCD publishes "
-            "sscd_disc_mixup.torchvision.pt beside sscd_disc_mixup.torchscript.pt), or, if you trust the file, "
+            "sscd_disc_mixup.torchvision.pt beside sscd_disc_mixup.torchscript.pt, and sscd_disc_large.classy.pt "
+            "for --architecture resnext101_32x4d), or, if you trust the file, "
             f"extract its weights: python -c \"import torch; torch.save(torch.jit.load('{path}').state_dict(), "
             "'weights.pth')\" and pass weights.pth with --checkpoint")
     try:
@@ -282,11 +289,13 @@ def _layout(obj, path, enc):
             return "mae-release", "{'model': ViT state dict} (MAE's released mae_pretrain_vit_*.pth layout)"
     if container is None and prefix == "backbone." and "embeddings.1.weight" in state:
         dims = state["embeddings.1.weight"].shape[0]
-        return "sscd-classy", f"SSCD Classy Vision weights (sscd Model 'CV_*': backbone.* in Classy Vision names, " \
-                              f"read as torchvision's; embeddings.1 the {dims}-d descriptor Linear after GeM)"
+        backbone = _SSCD_BACKBONES.get(("CV", enc["architecture"]), "CV_*")
+        return "sscd-classy", f"SSCD Classy Vision weights (sscd Model '{backbone}': backbone.* in Classy Vision " \
+                              f"names, read as torchvision's; embeddings.1 the {dims}-d descriptor Linear after GeM)"
     if container is None and prefix == "backbone." and "backbone.fc.weight" in state:
         dims = state["backbone.fc.weight"].shape[0]
-        return "sscd-torchvision", f"SSCD torchvision weights (sscd Model 'TV_*': backbone.* with a {dims}-d " \
+        backbone = _SSCD_BACKBONES.get(("TV", enc["architecture"]), "TV_*")
+        return "sscd-torchvision", f"SSCD torchvision weights (sscd Model '{backbone}': backbone.* with a {dims}-d " \
                                    "descriptor fc)"
     if container is None and prefix == "":
         head = "fc" if enc["family"] == "resnet" else "head"

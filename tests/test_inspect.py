@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -191,6 +190,33 @@ def test_library_state_dicts_and_json(tmp_path, capsys):
     assert d["layout"] == "sscd-torchvision" and d["encoder"]["prefix"] == "backbone."
     assert d["encoder"]["fit"] == {"architecture": "resnet18", "ss_framework": None, "loads": True, "missing": [],
                                    "unexpected": [], "misshaped": [], "error": None, "given": True}
+
+
+def test_resnext101_32x4d_file_is_named(tmp_path, capsys):
+    """#17: a flat timm ``resnext101_32x4d`` file (with its 1000-class fc) is named a ResNeXt-101 32x4d
+    (grouped 3x3 convs: weight (128, 4, 3, 3) at the first stage) that loads strictly into
+    ``--architecture resnext101_32x4d``; checked against resnet50 it names the keys that differ.
+    Ungrouped ResNet-101 and torchvision's ResNeXt-101 32x8d are told apart by the same rule."""
+    import torchvision
+
+    from gissl.models import describe_state_dict
+    path = tmp_path / "resnext101_32x4d.gluon_in1k.pth"
+    torch.save({**_weights("resnext101_32x4d"), "fc.weight": torch.randn(1000, 2048), "fc.bias": torch.zeros(1000)},
+               path)
+    code, out, _ = _run([path], capsys)
+    assert code == 0
+    assert "a ResNeXt-101 32x4d (conv1/layer1..4 keys)" in _line(out, "encoder")
+    assert _line(out, "gissl").endswith("--architecture resnext101_32x4d: loads strictly")
+    code, out, _ = _run([path, "--architecture", "resnet50"], capsys)
+    assert code == 0
+    fit = _line(out, "gissl")
+    assert "--architecture resnet50: does not load strictly" in fit
+    assert "unexpected (" in fit and "layer3.6.conv1.weight" in fit
+    assert "layer1.0.conv1.weight (file (128, 64, 1, 1), model (64, 64, 1, 1))" in fit
+    with torch.device("meta"):
+        r101, x8 = torchvision.models.resnet101().state_dict(), torchvision.models.resnext101_32x8d().state_dict()
+    assert describe_state_dict(r101) == ("resnet", "a ResNet-101 (conv1/layer1..4 keys)")
+    assert describe_state_dict(x8) == ("resnet", "a ResNeXt-101 32x8d (conv1/layer1..4 keys)")
 
 
 def test_not_a_checkpoint_exits_2_with_one_line(tmp_path, capsys):

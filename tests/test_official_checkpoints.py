@@ -12,6 +12,7 @@ import argparse
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
@@ -374,7 +375,7 @@ def test_moco_cxr_file_loads_its_query_encoder(arch, mlp, tmp_path):
         torch.testing.assert_close(encoder(x), query(x), rtol=0, atol=1e-6)
 
 
-# --- #17 item 2: SSCD *.classy.pt (Classy Vision ResNet names) -------------------------------------
+# --- #17 item 2: SSCD *.classy.pt (Classy Vision ResNet / ResNeXt names) ---------------------------
 
 class _ClassyBlock(nn.Module):  # classy_vision.models.classy_block.ClassyBlock: the layer as `_module`
     def __init__(self, module):
@@ -386,15 +387,18 @@ class _ClassyBlock(nn.Module):  # classy_vision.models.classy_block.ClassyBlock:
 
 
 class _ClassyLayer(nn.Module):  # classy_vision resnext.py GenericLayer with a Basic/BottleneckLayer block
-    def __init__(self, in_planes, out_planes, stride, bottleneck):
+    def __init__(self, in_planes, out_planes, stride, bottleneck, mid_planes_and_cardinality=None):
         super().__init__()
-        mid = out_planes // 4 if bottleneck else out_planes
+        # BottleneckLayer: ceil(out / reduction 4) planes, or mid_planes x cardinality in groups
+        mid, groups = (out_planes // 4 if bottleneck else out_planes), 1
+        if mid_planes_and_cardinality is not None:
+            mid, groups = mid_planes_and_cardinality[0] * mid_planes_and_cardinality[1], mid_planes_and_cardinality[1]
 
-        def conv(i, o, k, s=1):
-            return nn.Conv2d(i, o, k, stride=s, padding=k // 2, bias=False)
+        def conv(i, o, k, s=1, g=1):
+            return nn.Conv2d(i, o, k, stride=s, padding=k // 2, groups=g, bias=False)
         if bottleneck:
             self.convolutional_block = nn.Sequential(
-                conv(in_planes, mid, 1), nn.BatchNorm2d(mid), nn.ReLU(inplace=True), conv(mid, mid, 3, stride),
+                conv(in_planes, mid, 1), nn.BatchNorm2d(mid), nn.ReLU(inplace=True), conv(mid, mid, 3, stride, groups),
                 nn.BatchNorm2d(mid), nn.ReLU(inplace=True), conv(mid, out_planes, 1))
         else:
             self.convolutional_block = nn.Sequential(
@@ -414,11 +418,15 @@ class _ClassyLayer(nn.Module):  # classy_vision resnext.py GenericLayer with a B
 
 
 class _SSCDClassyModel(nn.Module):
-    """SSCD's ``Model("CV_RESNET18" | "CV_RESNET50", dims, 3.0)``: Classy Vision's ResNeXt trunk
-    (``initial_block._module``, ``blocks.{stage}.{i}._module``) as ``backbone``, then
-    ``embeddings`` = GeM(p) -> Linear -> L2 norm."""
+    """SSCD's ``Model("CV_RESNET18" | "CV_RESNET50" | "CV_RESNEXT101", dims, 3.0)``: Classy Vision's
+    ResNeXt trunk as ``backbone`` (``initial_block._module``, then per stage ``s`` a Sequential of
+    blocks named ``block{s}-{i}``, as Classy Vision >= 0.4 names them and SSCD's files hold them;
+    ``wrapped_blocks``: Classy Vision's older names, each block a ClassyBlock ``blocks.{s}.{i}._module``),
+    then ``embeddings`` = GeM(p) -> Linear -> L2 norm. ``base_width_and_cardinality`` as Classy
+    Vision's ResNeXt: stage ``s`` has ``width * 2**s`` channels per group (``resnext101_32x4d``:
+    ``(4, 32)``, blocks [3, 4, 23, 3])."""
 
-    def __init__(self, bottleneck, num_blocks, dims, p=3.0):
+    def __init__(self, bottleneck, num_blocks, dims, p=3.0, base_width_and_cardinality=None, wrapped_blocks=False):
         super().__init__()
         backbone = nn.Module()
         backbone.initial_block = _ClassyBlock(nn.Sequential(
@@ -427,10 +435,16 @@ class _SSCDClassyModel(nn.Module):
         reduction = 4 if bottleneck else 1
         out_planes = [64 * 2 ** i * reduction for i in range(4)]
         in_planes = [64] + out_planes[:-1]
-        backbone.blocks = nn.Sequential(*[nn.Sequential(*[
-            _ClassyBlock(_ClassyLayer(in_planes[s] if i == 0 else out_planes[s], out_planes[s],
-                                      (1 if s == 0 else 2) if i == 0 else 1, bottleneck))
-            for i in range(n)]) for s, n in enumerate(num_blocks)])
+        stages = []
+        for s, n in enumerate(num_blocks):
+            mid = None
+            if base_width_and_cardinality is not None:
+                mid = (base_width_and_cardinality[0] * 2 ** s, base_width_and_cardinality[1])
+            layers = [_ClassyLayer(in_planes[s] if i == 0 else out_planes[s], out_planes[s],
+                                   (1 if s == 0 else 2) if i == 0 else 1, bottleneck, mid) for i in range(n)]
+            stages.append(nn.Sequential(*map(_ClassyBlock, layers)) if wrapped_blocks else
+                          nn.Sequential(OrderedDict((f"block{s}-{i}", m) for i, m in enumerate(layers))))
+        backbone.blocks = nn.Sequential(*stages)
         self.backbone = backbone
         self.p = p
         self.embeddings = nn.Sequential(nn.Identity(), nn.Linear(out_planes[-1], dims))  # [0] is GeM
@@ -453,15 +467,19 @@ def _randomise_bn(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("arch, bottleneck, blocks", [("resnet18", False, [2, 2, 2, 2]),
-                                                      ("resnet50", True, [3, 4, 6, 3])])
-def test_sscd_classy_file_loads_its_trunk(arch, bottleneck, blocks, tmp_path):
+@pytest.mark.parametrize("arch, bottleneck, blocks, wrapped", [("resnet18", False, [2, 2, 2, 2], False),
+                                                               ("resnet18", False, [2, 2, 2, 2], True),
+                                                               ("resnet50", True, [3, 4, 6, 3], False)])
+def test_sscd_classy_file_loads_its_trunk(arch, bottleneck, blocks, wrapped, tmp_path):
     """SSCD's sscd_disc_mixup.classy.pt: a flat ``Model("CV_RESNET50", 512, 3.0).state_dict()``
     (Classy Vision names under ``backbone.``, the descriptor Linear as ``embeddings.1``) loads into
-    torchvision-named ResNets with the same trunk features; inspect names the layout."""
+    torchvision-named ResNets with the same trunk features, in Classy Vision's names of today
+    (``blocks.0.block0-0.``) and of before 0.4 (``blocks.0.0._module.``); inspect names the layout."""
     from gissl.checkpoint import describe_checkpoint
     torch.manual_seed(0)
-    ref = _randomise_bn(_SSCDClassyModel(bottleneck, blocks, 32))
+    ref = _randomise_bn(_SSCDClassyModel(bottleneck, blocks, 32, wrapped_blocks=wrapped))
+    assert ("backbone.blocks.0.0._module.bn.weight" if wrapped else "backbone.blocks.0.block0-0.bn.weight") \
+        in ref.state_dict()
     path = tmp_path / "sscd_disc_mixup.classy.pt"
     torch.save(ref.state_dict(), path)
     encoder = build_encoder(arch, "ImageNet_class", checkpoint=str(path)).eval()
@@ -470,7 +488,59 @@ def test_sscd_classy_file_loads_its_trunk(arch, bottleneck, blocks, tmp_path):
         torch.testing.assert_close(encoder.forward_features(x)[-1], ref.trunk(x), rtol=1e-5, atol=1e-5)
     d = describe_checkpoint(str(path))
     assert d["layout"] == "sscd-classy" and d["encoder"]["architecture"] == arch
+    assert f"sscd Model 'CV_{arch.upper()}'" in d["what"]
 
+
+def _gem_fc_l2(trunk_map, fc, p=3.0):
+    """SSCD's descriptor after its trunk (sscd/models/model.py, gem_pooling.py): GeM (clamp 1e-6,
+    power p, spatial mean, power 1/p), the Linear, L2 normalisation."""
+    gem = trunk_map.reshape(*trunk_map.shape[:2], -1).clamp(min=1e-6).pow(p).mean(dim=2).pow(1.0 / p)
+    return nn.functional.normalize(fc(gem), dim=1)
+
+
+@pytest.mark.parametrize("layout", ["classy", "torchvision"])
+def test_sscd_resnext101_file_gives_sscd_descriptor(layout, tmp_path):
+    """#17: SSCD's largest model, ``sscd_disc_large.classy.pt``: a flat
+    ``Model("CV_RESNEXT101", 1024, 3.0).state_dict()`` (Classy Vision's ``resnext101_32x4d``, blocks
+    [3, 4, 23, 3], 3x3 convs in 32 groups of 4 x 2**stage channels) loads into
+    ``--architecture resnext101_32x4d`` with Classy Vision's trunk features, and eval_retrieval.py
+    ``--use-head --embedding-dim 1024`` gives SSCD's descriptor; ``torchvision``: the same trunk in
+    SSCD's TV layout (``backbone.*`` with ``backbone.fc`` after GeM; SSCD releases no such file for
+    this model, its TV_RESNEXT101 is torchvision's 32x8d, but a converted one loads the same way).
+    python -m gissl.checkpoint names the layout and the architecture."""
+    import eval_retrieval
+
+    from gissl.checkpoint import describe_checkpoint
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    path = tmp_path / f"sscd_disc_large.{layout}.pt"
+    if layout == "classy":
+        ref = _randomise_bn(_SSCDClassyModel(True, [3, 4, 23, 3], 1024, base_width_and_cardinality=(4, 32)))
+        state = ref.state_dict()
+        assert state["backbone.blocks.0.block0-0.convolutional_block.3.weight"].shape == (128, 4, 3, 3)
+        assert state["backbone.blocks.3.block3-2.convolutional_block.3.weight"].shape == (1024, 32, 3, 3)
+        with torch.no_grad():
+            trunk, want = ref.trunk(x), ref(x)
+    else:  # SSCD's Backbone.build for TORCHVISION: the torchvision model with num_classes=dims, zero_init_residual
+        ref = _randomise_bn(torchvision.models.ResNet(torchvision.models.resnet.Bottleneck, [3, 4, 23, 3], groups=32,
+                                                      width_per_group=4, num_classes=1024, zero_init_residual=True))
+        state = {f"backbone.{k}": v for k, v in ref.state_dict().items()}
+        with torch.no_grad():
+            trunk = nn.Sequential(*list(ref.children())[:-2])(x)
+            want = _gem_fc_l2(trunk, ref.fc)
+    torch.save(state, path)
+    args = eval_retrieval.get_args(["--untrained", "--pretraining", "ImageNet_class", "--checkpoint", str(path),
+                                    "--architecture", "resnext101_32x4d", "--embedding-dim", "1024",
+                                    "--image-size", "64", "--use-head", "--device", "cpu", "--no-amp"])
+    model = eval_retrieval.load(args, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.forward_features(x)[-1], trunk, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.descriptor(x, use_head=True), want, rtol=1e-4, atol=1e-6)
+    d = describe_checkpoint(str(path))
+    assert d["layout"] == f"sscd-{layout}" and d["encoder"]["architecture"] == "resnext101_32x4d"
+    assert d["encoder"]["holds"].startswith("a ResNeXt-101 32x4d")
+    if layout == "classy":
+        assert "sscd Model 'CV_RESNEXT101'" in d["what"]
 
 
 # --- #17 item 2: CovidPrognosis MoCo DenseNet-121 (PyTorch Lightning 1.0.8 checkpoints) ------------

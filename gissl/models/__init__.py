@@ -14,7 +14,7 @@ import torch
 from gissl.errors import UserError
 from gissl.models.densenet import DenseNetEncoder, densenet121
 from gissl.models.pretrained import describe_state_dict, load_pretrained
-from gissl.models.resnet import ResNetEncoder, resnet18, resnet50
+from gissl.models.resnet import ResNetEncoder, resnet18, resnet50, resnext101_32x4d
 from gissl.models.text import TextTransformer
 from gissl.models.vit import (VisionTransformer, vit_b, vit_b14_dinov2, vit_b14_reg4_dinov2, vit_b16_clip, vit_b32_clip,
                               vit_h, vit_l, vit_l14_clip, vit_l14_dinov2, vit_l14_reg4_dinov2, vit_s, vit_s14_dinov2,
@@ -24,7 +24,10 @@ __all__ = ["ARCHITECTURES", "PRETRAININGS", "SS_FRAMEWORKS", "build_encoder", "l
            "describe_state_dict", "vit_num_heads", "imagenet_class_file", "is_vit", "family", "check_combination", "ResNetEncoder", "DenseNetEncoder",
            "VisionTransformer", "TextTransformer"]
 
-ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "densenet121": densenet121, "vit_t": vit_t,
+ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50,
+                 # SSCD's sscd_disc_large trunk (grouped 3x3 convs), timm's resnext101_32x4d names
+                 "resnext101_32x4d": resnext101_32x4d,
+                 "densenet121": densenet121, "vit_t": vit_t,
                  "vit_s": vit_s, "vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h,
                  # DINOv2 (patch 14, LayerScale; reg4: 4 register tokens), timm's vit_*_patch14[_reg4]_dinov2
                  "vit_s14_dinov2": vit_s14_dinov2, "vit_s14_reg4_dinov2": vit_s14_reg4_dinov2,
@@ -56,6 +59,10 @@ IMAGENET_CLASS_FILES = {
     "vit_l": ["vit_large_patch16_224.augreg_in21k_ft_in1k"],
     "vit_h": ["vit_huge_patch14_224.orig_in21k"],
     "densenet121": ["densenet121-a639ec97.pth"],
+    # torchvision has no ResNeXt-101 32x4d: timm's files, Gluon's ImageNet-1k weights first, then
+    # Facebook's semi- / semi-weakly supervised ones (YFCC100M / IG-1B, then ImageNet-1k)
+    "resnext101_32x4d": ["resnext101_32x4d.gluon_in1k", "resnext101_32x4d.fb_ssl_yfcc100m_ft_in1k",
+                         "resnext101_32x4d.fb_swsl_ig1b_ft_in1k"],
     "vit_s14_dinov2": ["vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain"],
     "vit_s14_reg4_dinov2": ["vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg4_pretrain"],
     "vit_b14_dinov2": ["vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain"],
@@ -183,14 +190,15 @@ def imagenet_class_file(architecture):
     """Path of the local ImageNet-supervised weights for ``architecture``.
 
     Looks in ``torch.hub.get_dir()/checkpoints`` (i.e. ``$TORCH_HOME/hub/checkpoints``) for the
-    torchvision file names, and for ViTs also ``<timm name>.pth`` / ``.safetensors`` there and
-    timm's own Hugging Face cache. Raises :class:`UserError` naming the file and folder.
+    torchvision file names (those ending in ``.pth``), and for timm's names (ViTs, ResNeXt-101
+    32x4d) ``<timm name>.pth`` / ``.safetensors`` there and timm's own Hugging Face cache. Raises
+    :class:`UserError` naming the file and folder.
     """
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     names = IMAGENET_CLASS_FILES[architecture]
     candidates = []
     for name in names:
-        if is_vit(architecture):
+        if not name.endswith(".pth"):  # a timm model name, saved as a state dict or cached by timm
             candidates += [os.path.join(folder, name + ext) for ext in (".pth", ".safetensors")]
             candidates += sorted(glob.glob(os.path.join(_hf_cache(), f"models--timm--{name}", "snapshots",
                                                         "*", "model.safetensors")))
@@ -199,7 +207,7 @@ def imagenet_class_file(architecture):
     for path in candidates:
         if os.path.isfile(path):
             return path
-    if is_vit(architecture):
+    if not names[0].endswith(".pth"):
         name = names[0]
         howto = (f"on a machine with internet run: python -c \"import timm, torch; torch.save(timm.create_model("
                  f"'{name}', pretrained=True).state_dict(), '{name}.pth')\" and copy {name}.pth there")

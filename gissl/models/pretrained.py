@@ -54,8 +54,11 @@ _DROPPED_PREFIXES = ("fc.", "head.", "fc_norm.", "decoder_", "classifier.", "pro
 # on load with this pattern, and so does gissl.
 _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _DROPPED_KEYS = ("mask_token",)
-# Classy Vision's ResNet names (SSCD's *.classy.pt): the stem and the ClassyBlock-wrapped blocks
-_CLASSY_NAME = re.compile(r"^(.*?)(?:initial_block\._module\.([01])\.|blocks\.(\d+)\.(\d+)\._module\."
+# Classy Vision's ResNeXt names (SSCD's *.classy.pt): the stem ``initial_block._module.{0,1}`` and the
+# blocks, named ``blocks.{s}.block{s}-{i}.`` since Classy Vision 0.4 (the pip release SSCD's
+# Model("CV_*") is built and loaded with) or, in files of older Classy Vision (which its ResNeXt
+# still converts on load), ClassyBlock-wrapped as ``blocks.{s}.{i}._module.``
+_CLASSY_NAME = re.compile(r"^(.*?)(?:initial_block\._module\.([01])\.|blocks\.(\d+)\.(?:(\d+)\._module\.|block\d+-(\d+)\.)"
                           r"(convolutional_block\.\d+\.|bn\.|downsample\.\d+\.))(.*)$")
 # DINO / DINOv2 training files: the copy to load unless asked otherwise (DINO's eval_linear.py /
 # eval_knn.py default ``--checkpoint_key teacher``; DINOv2 evaluates its teacher too).
@@ -210,13 +213,15 @@ def inspect_encoder(obj, path, architecture=None, ss_framework=None):
 
 
 def classy_to_torchvision(state):
-    """Classy Vision ResNet names (SSCD's ``*.classy.pt``: ``Model("CV_RESNET50", ...)``, Classy
-    Vision's ``ResNeXt`` with each block wrapped in a ``ClassyBlock``'s ``_module``) -> torchvision's:
-    ``initial_block._module.{0,1}`` -> ``conv1`` / ``bn1``; ``blocks.{s}.{b}._module.convolutional_block.{i}``
-    -> ``layer{s+1}.{b}.conv1 / bn1 / conv2 / bn2 / conv3`` and its final ``bn`` -> ``bn3`` (``bn2``
+    """Classy Vision ResNet / ResNeXt names (SSCD's ``*.classy.pt``: ``Model("CV_RESNET50", ...)``,
+    ``Model("CV_RESNEXT101", ...)``, Classy Vision's ``ResNeXt``) -> torchvision's:
+    ``initial_block._module.{0,1}`` -> ``conv1`` / ``bn1``; ``blocks.{s}.block{s}-{b}.convolutional_block.{i}``
+    (or ``blocks.{s}.{b}._module.convolutional_block.{i}``, Classy Vision before 0.4) ->
+    ``layer{s+1}.{b}.conv1 / bn1 / conv2 / bn2 / conv3`` and its final ``bn`` -> ``bn3`` (``bn2``
     for basic blocks); ``downsample`` keeps its name. The layers compute the same functions
-    (stride on the 3×3 conv, as torchvision's ResNet v1.5). Other keys are kept."""
-    bottleneck = any(re.search(r"\._module\.convolutional_block\.6\.", k) for k in state)
+    (stride on the 3×3 conv, as torchvision's ResNet v1.5; a ResNeXt's grouped 3×3 conv keeps its
+    weight shape, whose groups the model's own conv fixes). Other keys are kept."""
+    bottleneck = any(".convolutional_block.6." in k for k in state)
     inner = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3"}
     last_bn = "bn3" if bottleneck else "bn2"
     out = {}
@@ -225,7 +230,8 @@ def classy_to_torchvision(state):
         if m is None:
             out[key] = value
             continue
-        prefix, stem, stage, block, part, rest = m.groups()
+        prefix, stem, stage, wrapped, named, part, rest = m.groups()
+        block = wrapped if wrapped is not None else named
         if stem is not None:
             new = {"0": "conv1", "1": "bn1"}[stem] + "."
         else:
@@ -352,6 +358,14 @@ def describe_state_dict(state):
         bottleneck = any(".conv3." in k for k in keys)
         depth = _RESNET_DEPTHS.get((blocks, bottleneck))
         name = f"ResNet-{depth}" if depth else f"ResNet with {list(blocks)} blocks per stage"
+        # a ResNeXt's grouped 3x3 conv (Xie et al. 2017): weight (width, width / groups, 3, 3); at the
+        # first stage width = groups x base width, e.g. (128, 4, 3, 3) for 32x4d
+        conv2 = state.get("layer1.0.conv2.weight")
+        if bottleneck and conv2 is not None and conv2.dim() == 4 and conv2.shape[1] and \
+                conv2.shape[0] % conv2.shape[1] == 0 and conv2.shape[0] // conv2.shape[1] > 1:
+            groups = conv2.shape[0] // conv2.shape[1]
+            name = f"ResNeXt-{depth} {groups}x{conv2.shape[1]}d" if depth else \
+                f"ResNeXt ({groups}x{conv2.shape[1]}d) with {list(blocks)} blocks per stage"
         return "resnet", f"a {name} (conv1/layer1..4 keys)"
     return None, f"an unrecognised layout (first keys: {_names(keys, 5)})"
 

@@ -1,4 +1,5 @@
-"""ResNet-18 / ResNet-50 encoders: torchvision's classes and parameter names, without ``fc``.
+"""ResNet-18 / ResNet-50 / ResNeXt-101 32x4d encoders: torchvision's classes and parameter names,
+without ``fc``.
 
 Dropping ``fc`` (rather than replacing it with Identity) keeps the state dict exactly the
 trunk keys, which is what SSL checkpoints hold (docs/ssl4gie-study.md §3.2/§3.7: Barlow Twins
@@ -17,8 +18,8 @@ class ResNetEncoder(ResNet):
     strides 4/8/16/32 and channels ``feature_dims``.
     """
 
-    def __init__(self, block, layers, architecture):
-        super().__init__(block, layers)
+    def __init__(self, block, layers, architecture, groups=1, width_per_group=64):
+        super().__init__(block, layers, groups=groups, width_per_group=width_per_group)
         del self.fc
         self.architecture = architecture
         self.feature_dims = [64 * block.expansion * 2 ** i for i in range(4)]
@@ -70,3 +71,15 @@ def resnet18(img_size=224):
 def resnet50(img_size=224):
     """ResNet-50 (Bottleneck [3, 4, 6, 3]), 2048-d output, torchvision ``resnet50`` names."""
     return ResNetEncoder(Bottleneck, [3, 4, 6, 3], "resnet50")
+
+
+def resnext101_32x4d(img_size=224):
+    """ResNeXt-101 32x4d (Xie et al. 2017: Bottleneck [3, 4, 23, 3], the 3x3 convs in 32 groups of
+    4 channels at the first stage), 2048-d output, timm ``resnext101_32x4d`` names (torchvision's
+    ``ResNet`` class with ``groups=32, width_per_group=4``; torchvision's ResNeXt-101s are 32x8d and
+    64x4d).
+
+    SSCD's ``sscd_disc_large`` trunk: its ``CV_RESNEXT101`` is Classy Vision's ``resnext101_32x4d``
+    (``base_width_and_cardinality=(4, 32)``), the same layers under other names.
+    """
+    return ResNetEncoder(Bottleneck, [3, 4, 23, 3], "resnext101_32x4d", groups=32, width_per_group=4)

@@ -193,12 +193,19 @@ def load_projection_head(model, path):
         state = {}
     for prefix in ("backbone.fc.", "module.backbone.fc.", "embeddings.1.", "head."):
         weight, bias = state.get(prefix + "weight"), state.get(prefix + "bias")
-        if torch.is_tensor(weight) and tuple(weight.shape) == tuple(model.head.weight.shape):
-            with torch.no_grad():
-                model.head.weight.copy_(weight)
-                if torch.is_tensor(bias):
-                    model.head.bias.copy_(bias)
-            return prefix
+        if not torch.is_tensor(weight) or weight.ndim != 2:
+            continue
+        if tuple(weight.shape) != tuple(model.head.weight.shape):
+            if prefix == "head." or weight.shape[1] != model.head.weight.shape[1]:
+                continue  # 'head.' may be a classifier (timm); SSCD's names are its descriptor head
+            # SSCD's own descriptor head, of another size: a random head would be used silently
+            raise UserError(f"'{path}' holds a {weight.shape[0]}-d projection ({prefix}weight); pass "
+                            f"--embedding-dim {weight.shape[0]} to use it (now {model.head.weight.shape[0]})")
+        with torch.no_grad():
+            model.head.weight.copy_(weight)
+            if torch.is_tensor(bias):
+                model.head.bias.copy_(bias)
+        return prefix
     return None
 
 

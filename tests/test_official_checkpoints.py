@@ -541,6 +541,12 @@ def test_sscd_resnext101_file_gives_sscd_descriptor(layout, tmp_path):
     assert d["encoder"]["holds"].startswith("a ResNeXt-101 32x4d")
     if layout == "classy":
         assert "sscd Model 'CV_RESNEXT101'" in d["what"]
+    # the default --embedding-dim 512 would leave a random head under --use-head: refused, naming the size
+    args = eval_retrieval.get_args(["--untrained", "--pretraining", "ImageNet_class", "--checkpoint", str(path),
+                                    "--architecture", "resnext101_32x4d", "--image-size", "64", "--use-head",
+                                    "--device", "cpu"])
+    with pytest.raises(UserError, match="--embedding-dim 1024"):
+        eval_retrieval.load(args, torch.device("cpu"))
 
 
 # --- #17 item 2: CovidPrognosis MoCo DenseNet-121 (PyTorch Lightning 1.0.8 checkpoints) ------------

@@ -182,7 +182,7 @@ def test_not_a_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("vit_x",), "unknown architecture 'vit_x'; choose from densenet121, resnet18, resnet50, vit_b, vit_b14_dinov2, "
+    (("vit_x",), "unknown architecture 'vit_x'; choose from densenet121, resnet18, resnet50, resnext101_32x4d, vit_b, vit_b14_dinov2, "
                   "vit_b14_reg4_dinov2, vit_b16_clip, vit_b32_clip, vit_h, vit_l, vit_l14_clip, vit_l14_dinov2, "
                   "vit_l14_reg4_dinov2, vit_s, vit_s14_dinov2, vit_s14_reg4_dinov2, vit_t"),
     (("vit_t", "Hyperkvasir", "mae", None), "give both --ss-framework .* and --checkpoint PATH"),
